@@ -1,0 +1,122 @@
+"""`fedlora.run`: one private federated fine-tuning run, from config to a complete run folder."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from fedlora import report
+from fedlora.config import Config, apply_override, config_from_dict, config_to_toml, load_config
+from fedlora.experiment import Experiment, build_experiment, majority_accuracy, partition_report
+from fedlora.federation.server import FederationState, RoundPlan, run_rounds
+from fedlora.federation.simulation import InProcessTransport
+from fedlora.model import count_parameters
+from fedlora.outputs import RunFolder, default_out_dir
+
+
+def run(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,
+        overrides: list[str] | None = None,
+        progress: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Run one experiment and return its summary (also written to `out/summary.json`).
+
+    `config` is a `Config`, a nested dict (as in the TOML file), a path to a TOML file, or None
+    for the default job; `overrides` are `section.key=value` strings applied on top.
+    """
+    config = _resolve(config, overrides)
+    say = progress or (lambda _: None)
+    folder = RunFolder(out or default_out_dir(config.method.name, config.privacy.epsilon))
+    start = time.perf_counter()
+    say(report.banner(config))
+    exp = build_experiment(config)  # every input check happens here, before anything is written
+    say(report.describe_setup(exp))
+    folder.open()
+    try:
+        summary = _execute(exp, folder, say, start)
+        final = folder.commit()
+    except BaseException:
+        folder.abort()
+        raise
+    summary["out"] = str(final)
+    say(report.summary_table(summary))
+    say(f"run folder: {final}")
+    return summary
+
+
+def _resolve(config, overrides) -> Config:
+    if isinstance(config, Config):
+        if not overrides:
+            return config
+        config = dataclasses.asdict(config)
+    if isinstance(config, dict):
+        raw = copy.deepcopy(config)
+        for item in overrides or []:
+            apply_override(raw, item)
+        return config_from_dict(raw)
+    return load_config(config, overrides)
+
+
+def _execute(exp: Experiment, folder: RunFolder, say, start: float) -> dict[str, Any]:
+    config = exp.config
+    folder.write_text("config.toml", config_to_toml(config))
+    folder.write_json("partition.json", partition_report(exp))
+    f = config.federation
+    plan = RoundPlan(f.rounds, f.clients, f.clients_per_round, f.eval_every, config.seed)
+    state = FederationState(glob=exp.method.init_global(exp.initial))
+    transport = InProcessTransport(exp.trainer, exp.clients)
+
+    def on_round(record: dict) -> None:
+        folder.append_jsonl("metrics.jsonl", record)
+        say(report.round_line(record, config))
+
+    run_rounds(exp.method, state, transport, plan, exp.evaluate, on_round)
+    export_adapter(exp, state, folder.path("adapter"))
+    summary = build_summary(exp, state, time.perf_counter() - start)
+    folder.write_json("summary.json", summary)
+    return summary
+
+
+def export_adapter(exp: Experiment, state: FederationState, path: Path) -> None:
+    """The global adapter (LoRA A, B and the head) in PEFT's format, loadable with
+    `PeftModel.from_pretrained(base, path)`."""
+    exp.trainer.handle.install({**exp.initial, **state.glob.adapter})
+    exp.model.save_pretrained(str(path))
+
+
+def build_summary(exp: Experiment, state: FederationState, seconds: float) -> dict[str, Any]:
+    config, last = exp.config, (state.history[-1] if state.history else {})
+    evaluated = [h for h in state.history if h.get("test_accuracy") is not None]
+    final = evaluated[-1] if evaluated else {}
+    trained = {k: v for k, v in exp.initial.items() if exp.method.trainable(k, 0)}
+    return {
+        "method": config.method.name,
+        "test_accuracy": final.get("test_accuracy"),
+        "test_loss": final.get("test_loss"),
+        "validation_accuracy": final.get("validation_accuracy"),
+        "majority_accuracy": majority_accuracy(exp),
+        "epsilon": max(state.epsilon.values(), default=0.0),
+        "epsilon_target": config.privacy.epsilon,
+        "epsilon_per_client": [state.epsilon.get(c.cid, 0.0) for c in exp.clients],
+        "delta": config.privacy.delta,
+        "accountant": config.privacy.accountant,
+        "clip": config.privacy.clip,
+        "noise_multiplier": [c.privacy.noise_multiplier for c in exp.clients],
+        "sample_rates": [c.privacy.sample_rate for c in exp.clients],
+        "steps": [c.steps for c in exp.clients],
+        "client_sizes": [c.num_examples for c in exp.clients],
+        "rounds": len(state.history),
+        "rounds_planned": config.federation.rounds,
+        "clients": config.federation.clients,
+        "bytes_uploaded": state.bytes_uploaded,
+        "bytes_downloaded": state.bytes_downloaded,
+        "trainable_parameters": count_parameters(trained),
+        "adapter_parameters": count_parameters(exp.initial),
+        "refused": {str(k): v for h in state.history for k, v in h.get("refused", {}).items()},
+        "seed": config.seed,
+        "wall_seconds": round(seconds, 2),
+        "private": not math.isinf(config.privacy.epsilon),
+        "last_round": last.get("round"),
+    }

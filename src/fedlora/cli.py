@@ -1,0 +1,60 @@
+"""`fedlora` on the command line: parse → config → run → print. Thin on purpose."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fedlora.errors import FedloraError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedlora",
+        description="Private federated fine-tuning of transformers with LoRA and FFA-LoRA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one experiment (no arguments: the default job)")
+    run.add_argument("--config", help="TOML config file (default: built-in defaults)")
+    run.add_argument("--out", help="run folder to create (default: runs/<method>-eps<ε>-<time>)")
+    run.add_argument("overrides", nargs="*", metavar="section.key=value",
+                     help="config overrides, e.g. privacy.epsilon=inf method.name=lora")
+    sub.add_parser("methods", help="list the federated methods")
+    show = sub.add_parser("config", help="print the resolved config as TOML")
+    show.add_argument("--config")
+    show.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except FedloraError as err:
+        print(f"fedlora: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedlora: interrupted — nothing was written", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "methods":
+        from fedlora.methods import available_methods, method_class
+
+        for name in available_methods():
+            print(f"{name:10s} {method_class(name).__doc__.strip().splitlines()[0]}")
+        return 0
+    from fedlora.config import config_to_toml, load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.command == "config":
+        print(config_to_toml(config), end="")
+        return 0
+    from fedlora.api import run
+
+    run(config, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

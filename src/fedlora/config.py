@@ -1,0 +1,311 @@
+"""Typed, validated configuration: a TOML file plus `section.key=value` overrides.
+
+Every key is a field of one dataclass below; its `help` metadata is the documentation shown in
+error messages. Configs are validated once, here, at the boundary: the rest of the package can
+trust them. Errors are `ConfigError`s that name the key and the fix, raised before anything
+is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedlora.errors import ConfigError
+
+PARTITIONS = ("iid", "dirichlet", "group")
+OPTIMIZERS = ("sgd", "adam")
+ACCOUNTANTS = ("rdp", "prv")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("all-MiniLM-L6-v2", "shipped model name or a Hugging Face model folder")
+    max_length: int = _f(64, "tokens kept per text (the shipped snippets are at most ~70 tokens)")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("rotten_tomatoes", "shipped data set name or a .csv/.tsv/.jsonl file (.bz2/.gz ok)")
+    text_column: str = _f("text", "column holding the text")
+    label_column: str = _f("category", "column holding the label (strings or integers)")
+    group_column: str = _f("movie_name", "column whose groups stay whole under partition='group'")
+    test_fraction: float = _f(0.2, "share of examples held out for testing (stratified)")
+    validation_fraction: float = _f(
+        0.0, "share of the remaining examples held out for choosing hyperparameters (0 = none)"
+    )
+    partition: str = _f("dirichlet", f"how clients split the training data: {', '.join(PARTITIONS)}")
+    dirichlet_alpha: float = _f(0.5, "Dirichlet concentration; small = more skewed labels per client")
+    max_examples: int = _f(0, "use only this many examples, drawn at random (0 = all); for quick runs")
+
+
+@dataclass
+class FederationConfig:
+    clients: int = _f(3, "number of data owners")
+    rounds: int = _f(10, "federated rounds")
+    local_steps: int = _f(4, "DP-SGD steps each client takes per round")
+    clients_per_round: int = _f(0, "clients sampled each round (0 = all)")
+    eval_every: int = _f(1, "evaluate the global model every k rounds (and always after the last)")
+
+
+@dataclass
+class MethodConfig:
+    name: str = _f("ffa", "federated method (see `fedlora methods`)")
+    rank: int = _f(8, "LoRA rank r")
+    alpha: float = _f(8.0, "LoRA scaling alpha; the update is (alpha/r)·B·A")
+    target_modules: list[str] = _f(["query", "value"], "names of the linear layers that get LoRA")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _f(256, "expected examples per DP-SGD step (Poisson sampling)")
+    lr: float = _f(0.5, "learning rate of the local optimizer")
+    optimizer: str = _f("sgd", f"local optimizer: {', '.join(OPTIMIZERS)}")
+    momentum: float = _f(0.9, "SGD momentum (reset each round: optimizer state never leaves a client)")
+    eval_batch_size: int = _f(512, "examples per evaluation batch")
+
+
+@dataclass
+class PrivacyConfig:
+    epsilon: float = _f(3.0, "privacy budget per client over all rounds; inf turns DP off")
+    delta: float = _f(1e-5, "delta of (epsilon, delta)-DP")
+    clip: float = _f(1.0, "per-example gradient norm bound")
+    accountant: str = _f("rdp", f"privacy accountant: {', '.join(ACCOUNTANTS)}")
+
+
+@dataclass
+class Config:
+    seed: int = _f(0, "seed for the split, LoRA A, client sampling and DP noise")
+    threads: int = _f(0, "torch CPU threads (0 = all cores)")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    @property
+    def private(self) -> bool:
+        return not math.isinf(self.privacy.epsilon)
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {n: t for n, t in hints.items() if dataclasses.is_dataclass(t)}
+
+
+def _keys(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file at `path`, then `section.key=value` overrides; validated."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_toml(Path(path))
+    for item in overrides or []:
+        apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a `Config` from nested plain values (as parsed from TOML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("config: expected a table of sections, e.g. {'privacy': {'epsilon': 3}}")
+    sections = _sections()
+    top = _keys(Config)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table of keys, not {value!r}")
+            kwargs[key] = _build_section(key, sections[key], value)
+        elif key in top:
+            kwargs[key] = _coerce(key, top[key], value)
+        else:
+            raise ConfigError(f"unknown config key '{key}'{_suggest(key, list(top))}")
+    config = Config(**kwargs)
+    validate(config)
+    return config
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
+    hints = _keys(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{name}.{key}'{_suggest(key, list(hints), name)}")
+        kwargs[key] = _coerce(f"{name}.{key}", hints[key], value)
+    return cls(**kwargs)
+
+
+def _suggest(key: str, valid: list[str], section: str | None = None) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    prefix = f"{section}." if section else ""
+    hint = f" — did you mean '{prefix}{close[0]}'?" if close else ""
+    return f"{hint} Valid keys: {', '.join(prefix + v for v in valid)}"
+
+
+def _coerce(key: str, typ: Any, value: Any) -> Any:
+    """Check `value` against the field's type; ints are accepted where floats are expected."""
+    if typ is bool:
+        ok = isinstance(value, bool)
+    elif typ is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif typ is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif typ is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(typ) is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:  # pragma: no cover - a new field type without a rule is a bug
+        raise TypeError(f"no type rule for {key}: {typ}")
+    if not ok:
+        name = getattr(typ, "__name__", str(typ))
+        raise ConfigError(f"{key} must be {_article(name)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _article(name: str) -> str:
+    return {"list": "a list of strings", "int": "an integer", "float": "a number"}.get(
+        name, f"a {name}"
+    )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"--config: file '{path}' not found — give the path of a TOML config file")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config: '{path}' is not UTF-8 text — save it as UTF-8 TOML") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"--config: '{path}' is not valid TOML ({err}) — fix the syntax") from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """`section.key=value` with a TOML value (`3`, `inf`, `"x"`, `[..]`); bare words are strings."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' must look like section.key=value, e.g. privacy.epsilon=3")
+    value = _parse_value(text.strip())
+    parts = key.split(".")
+    if len(parts) > 2 or not all(parts):
+        raise ConfigError(f"override '{item}': key must be 'section.key' or a top-level key like 'seed'")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{item}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if text.startswith(("[", "{", '"', "'")):
+            raise ConfigError(f"override value {text!r} is not valid TOML") from None
+        return text
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def validate(config: Config) -> None:
+    """Impossible values stop here with a message naming the key and the fix."""
+    for section, cls in _sections().items():
+        for key, value in dataclasses.asdict(getattr(config, section)).items():
+            if isinstance(value, float) and math.isnan(value):
+                raise ConfigError(f"{section}.{key} is NaN — give a number")
+    c = config
+    _check(c.seed >= 0, "seed must be ≥ 0")
+    _check(c.threads >= 0, "threads must be ≥ 0 (0 = all cores)")
+    _check(c.model.max_length >= 8, "model.max_length must be ≥ 8 tokens")
+    _check(0 < c.data.test_fraction < 1, "data.test_fraction must be in (0, 1), e.g. 0.2")
+    _check(0 <= c.data.validation_fraction < 1, "data.validation_fraction must be in [0, 1)")
+    _check(c.data.test_fraction + c.data.validation_fraction < 0.9,
+           "data.test_fraction + data.validation_fraction must leave ≥ 10% for training")
+    _check(c.data.partition in PARTITIONS,
+           f"data.partition must be one of {', '.join(PARTITIONS)}, got '{c.data.partition}'")
+    _check(c.data.dirichlet_alpha > 0 and math.isfinite(c.data.dirichlet_alpha),
+           "data.dirichlet_alpha must be a positive number, e.g. 0.5")
+    _check(c.data.max_examples >= 0, "data.max_examples must be ≥ 0 (0 = all)")
+    f = c.federation
+    _check(f.clients >= 1, "federation.clients must be ≥ 1")
+    _check(f.rounds >= 1, "federation.rounds must be ≥ 1")
+    _check(f.local_steps >= 1, "federation.local_steps must be ≥ 1")
+    _check(0 <= f.clients_per_round <= f.clients,
+           f"federation.clients_per_round must be in [0, {f.clients}] (0 = all clients)")
+    _check(f.eval_every >= 1, "federation.eval_every must be ≥ 1")
+    m = c.method
+    from fedlora.methods import available_methods
+
+    _check(m.name in available_methods(),
+           f"method.name '{m.name}' is unknown — choose one of {', '.join(available_methods())}")
+    _check(m.rank >= 1, "method.rank must be ≥ 1, e.g. 8")
+    _check(m.alpha > 0 and math.isfinite(m.alpha), "method.alpha must be a positive number")
+    _check(len(m.target_modules) > 0, "method.target_modules must name at least one layer")
+    t = c.train
+    _check(t.batch_size >= 1, "train.batch_size must be ≥ 1")
+    _check(t.lr > 0 and math.isfinite(t.lr), "train.lr must be a positive number")
+    _check(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}")
+    _check(0 <= t.momentum < 1, "train.momentum must be in [0, 1)")
+    _check(t.eval_batch_size >= 1, "train.eval_batch_size must be ≥ 1")
+    p = c.privacy
+    _check(p.epsilon > 0, "privacy.epsilon must be > 0 (or inf to turn DP off), e.g. 3")
+    _check(0 < p.delta < 1, "privacy.delta must be in (0, 1), e.g. 1e-5")
+    _check(p.clip > 0 and math.isfinite(p.clip), "privacy.clip must be a positive number, e.g. 1.0")
+    _check(p.accountant in ACCOUNTANTS, f"privacy.accountant must be one of {', '.join(ACCOUNTANTS)}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_to_toml(config: Config) -> str:
+    """The resolved config as TOML (round-trips through `load_config`)."""
+    data = config_to_dict(config)
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for section, values in data.items():
+        if isinstance(values, dict):
+            lines.append(f"\n[{section}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) and v > 0 else repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return str(v)

@@ -1,0 +1,166 @@
+"""Everything a run needs, built and checked before a single file is written.
+
+data → held-out test (and validation) → client partition → tokens → base model + LoRA →
+method → each client's DP plan. Any bad input fails here, with one clear message.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedlora.config import Config
+from fedlora.data.batching import encode
+from fedlora.data.partition import label_counts, partition
+from fedlora.data.sources import TextDataset, load_dataset, split_holdout
+from fedlora.errors import DataError
+from fedlora.federation.client import Client, LocalTrainer
+from fedlora.federation.evaluate import Evaluator
+from fedlora.methods import get_method
+from fedlora.methods.base import Method, State
+from fedlora.model import AdapterHandle, attach_lora, load_classifier, load_tokenizer, resolve_model_path
+from fedlora.privacy.plan import plan_client_privacy
+from fedlora.seeding import derive_seed
+
+
+@dataclass
+class Split:
+    """Positions into the data set: the held-out test set, validation set, and each client's part."""
+
+    test: list[int]
+    validation: list[int]
+    clients: list[list[int]]
+
+
+@dataclass
+class Experiment:
+    config: Config
+    dataset: TextDataset
+    split: Split
+    method: Method
+    model: torch.nn.Module
+    initial: State
+    trainer: LocalTrainer
+    clients: list[Client]
+    evaluators: list[Evaluator]
+    model_path: str
+
+    def evaluate(self, glob) -> dict[str, float]:
+        scores: dict[str, float] = {}
+        for evaluator in self.evaluators:
+            scores.update(evaluator(glob))
+        return scores
+
+
+def split_data(dataset: TextDataset, config: Config) -> Split:
+    """Stratified test (and validation) hold-out, then the client partition of the rest."""
+    d, seed = config.data, config.seed
+    labels = dataset.labels
+    pool, test = split_holdout(labels, d.test_fraction, derive_seed(seed, "test"))
+    validation: list[int] = []
+    if d.validation_fraction > 0:
+        share = d.validation_fraction / (1 - d.test_fraction)
+        kept, held = split_holdout([labels[i] for i in pool], share, derive_seed(seed, "validation"))
+        validation = [pool[i] for i in held]
+        pool = [pool[i] for i in kept]
+    groups = [dataset.groups[i] for i in pool] if d.partition == "group" else None
+    parts = partition([labels[i] for i in pool], clients=config.federation.clients,
+                      scheme=d.partition, seed=derive_seed(seed, "partition"),
+                      alpha=d.dirichlet_alpha, groups=groups)
+    return Split(test=test, validation=validation, clients=[[pool[i] for i in p] for p in parts])
+
+
+def load_data(config: Config) -> TextDataset:
+    d = config.data
+    group = d.group_column if d.partition == "group" else None
+    dataset = load_dataset(d.path, text_column=d.text_column, label_column=d.label_column,
+                           group_column=group)
+    if d.max_examples and d.max_examples < len(dataset):
+        rng = np.random.default_rng(derive_seed(config.seed, "subsample"))
+        keep = sorted(rng.choice(len(dataset), size=d.max_examples, replace=False).tolist())
+        dataset = TextDataset(
+            texts=[dataset.texts[i] for i in keep], labels=[dataset.labels[i] for i in keep],
+            label_names=dataset.label_names,
+            groups=[dataset.groups[i] for i in keep] if dataset.groups else None)
+    if config.federation.clients > len(dataset):
+        raise DataError(f"federation.clients={config.federation.clients} is more than the "
+                        f"{len(dataset)} examples in the data — use fewer clients or more data")
+    return dataset
+
+
+def build_experiment(config: Config) -> Experiment:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    dataset = load_data(config)
+    split = split_data(dataset, config)
+    _check_labels_seen(dataset, split)
+    model_path = resolve_model_path(config.model.path)
+    tokenizer = load_tokenizer(model_path)
+    tokens = encode(tokenizer, dataset.texts, config.model.max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model = attach_lora(load_classifier(model_path, dataset.num_labels, config.seed),
+                        config.method, config.seed)
+    handle = AdapterHandle.of(model)
+    initial = handle.state()
+    method = get_method(config.method)
+    trainer = LocalTrainer(model, method, config.train, config.federation.local_steps, pad_id, initial)
+    clients = _make_clients(config, dataset, split, tokens)
+    evaluators = [Evaluator(handle, initial, [tokens[i] for i in split.test],
+                            [dataset.labels[i] for i in split.test], pad_id,
+                            config.train.eval_batch_size, "test")]
+    if split.validation:
+        evaluators.append(Evaluator(handle, initial, [tokens[i] for i in split.validation],
+                                    [dataset.labels[i] for i in split.validation], pad_id,
+                                    config.train.eval_batch_size, "validation"))
+    return Experiment(config, dataset, split, method, model, initial, trainer, clients,
+                      evaluators, model_path)
+
+
+def _make_clients(config: Config, dataset: TextDataset, split: Split, tokens) -> list[Client]:
+    f = config.federation
+    planned = f.rounds * f.local_steps  # every round a client could take part in
+    clients = []
+    for cid, part in enumerate(split.clients):
+        privacy = plan_client_privacy(config.privacy, len(part), config.train.batch_size, planned)
+        clients.append(Client(cid=cid, token_ids=[tokens[i] for i in part],
+                              labels=[dataset.labels[i] for i in part], privacy=privacy,
+                              seed=config.seed))
+    return clients
+
+
+def _check_labels_seen(dataset: TextDataset, split: Split) -> None:
+    trained = {dataset.labels[i] for part in split.clients for i in part}
+    missing = sorted({dataset.labels[i] for i in split.test} - trained)
+    if missing:
+        names = [dataset.label_names[i] for i in missing]
+        raise DataError(f"labels {names} appear only in the test set — every class needs "
+                        "training examples; add data or lower data.test_fraction")
+
+
+def partition_report(exp: Experiment) -> dict:
+    ds, split = exp.dataset, exp.split
+    counts = label_counts(ds.labels, split.clients, ds.num_labels)
+    return {
+        "scheme": exp.config.data.partition,
+        "dirichlet_alpha": exp.config.data.dirichlet_alpha,
+        "seed": exp.config.seed,
+        "label_names": ds.label_names,
+        "test_size": len(split.test),
+        "validation_size": len(split.validation),
+        "test_label_counts": label_counts(ds.labels, [split.test], ds.num_labels)[0],
+        "clients": [
+            {"client": k, "size": len(part), "label_counts": counts[k], "indices": part}
+            for k, part in enumerate(split.clients)
+        ],
+    }
+
+
+def majority_accuracy(exp: Experiment) -> float:
+    """Test accuracy of always predicting the most common training label (the floor to beat)."""
+    train = [exp.dataset.labels[i] for part in exp.split.clients for i in part]
+    majority = max(set(train), key=train.count)
+    test = [exp.dataset.labels[i] for i in exp.split.test]
+    return sum(1 for y in test if y == majority) / len(test) if test else math.nan

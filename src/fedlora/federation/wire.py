@@ -1,0 +1,28 @@
+"""What crosses the wire: states serialised with safetensors; bytes are counted from these."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load, save
+from torch import Tensor
+
+
+def encode_state(state: dict[str, Tensor]) -> bytes:
+    """Serialise a state (contiguous CPU tensors) to safetensors bytes."""
+    return save({k: v.detach().to("cpu").contiguous() for k, v in state.items()})
+
+
+def decode_state(payload: bytes) -> dict[str, Tensor]:
+    return dict(load(payload))
+
+
+def payload_bytes(state: dict[str, Tensor]) -> int:
+    return len(encode_state(state))
+
+
+def clone_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def states_equal(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,77 @@
+"""What a person reads in the terminal: the setup, one line per round, a closing table."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fedlora.config import Config
+
+
+def _eps(x: float) -> str:
+    return "∞" if x is None or math.isinf(x) else f"{x:.2f}"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def banner(config: Config) -> str:
+    privacy = (f"DP-SGD ε={_eps(config.privacy.epsilon)}, δ={config.privacy.delta:g}, "
+               f"clip={config.privacy.clip:g} per client" if config.private else "no DP (ε=∞)")
+    m, f = config.method, config.federation
+    return (f"fedlora: {m.name} r={m.rank} α={m.alpha:g} on {','.join(m.target_modules)} · "
+            f"{f.clients} clients × {f.rounds} rounds × {f.local_steps} local steps · {privacy}")
+
+
+def describe_setup(exp) -> str:
+    lines = [f"model {exp.config.model.path} · data {exp.config.data.path}: "
+             f"{len(exp.dataset)} examples, labels {exp.dataset.label_names}, "
+             f"test {len(exp.split.test)}"
+             + (f", validation {len(exp.split.validation)}" if exp.split.validation else "")]
+    names = exp.dataset.label_names
+    for c in exp.clients:
+        counts = [0] * len(names)
+        for y in c.labels:
+            counts[y] += 1
+        shown = " ".join(f"{n}={k}" for n, k in zip(names, counts))
+        dp = (f"q={c.privacy.sample_rate:.3f} σ={c.privacy.noise_multiplier:.3f}"
+              if c.privacy.enabled else "no DP")
+        lines.append(f"  client {c.cid}: {c.num_examples:5d} examples ({shown}) · {dp}")
+    return "\n".join(lines)
+
+
+def round_line(record: dict[str, Any], config: Config) -> str:
+    acc = record.get("test_accuracy")
+    scores = (f"test acc {acc:.3f} loss {record['test_loss']:.3f}" if acc is not None
+              else "(not evaluated)")
+    if record.get("validation_accuracy") is not None:
+        scores += f" · val acc {record['validation_accuracy']:.3f}"
+    eps = f"ε {_eps(record['epsilon'])}/{_eps(config.privacy.epsilon)}" if config.private else "ε ∞"
+    refused = f" · refused: {sorted(record['refused'])}" if record.get("refused") else ""
+    return (f"round {record['round']:3d}/{config.federation.rounds} · {scores} · {eps} · "
+            f"up {_bytes(record['bytes_uploaded'])} · {record['seconds']:.1f} s{refused}")
+
+
+def summary_table(s: dict[str, Any]) -> str:
+    rows = [
+        ("method", s["method"]),
+        ("test accuracy", f"{s['test_accuracy']:.4f}" if s["test_accuracy"] is not None else "-"),
+        ("majority-class accuracy", f"{s['majority_accuracy']:.4f}"),
+        ("ε spent (max over clients)", f"{_eps(s['epsilon'])} (target {_eps(s['epsilon_target'])}, "
+                                        f"δ={s['delta']:g}, {s['accountant']})"),
+        ("ε per client", ", ".join(_eps(e) for e in s["epsilon_per_client"])),
+        ("noise multiplier σ", ", ".join(f"{x:.3f}" for x in s["noise_multiplier"])),
+        ("rounds", f"{s['rounds']}/{s['rounds_planned']}"),
+        ("steps per client", ", ".join(map(str, s["steps"]))),
+        ("trainable parameters", f"{s['trainable_parameters']:,}"),
+        ("bytes uploaded / downloaded", f"{_bytes(s['bytes_uploaded'])} / {_bytes(s['bytes_downloaded'])}"),
+        ("wall time", f"{s['wall_seconds']:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "─" * (width + 40)
+    return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
