@@ -74,6 +74,7 @@ class TrainConfig:
     lr: float = _f(0.5, "learning rate of the local optimizer")
     optimizer: str = _f("sgd", f"local optimizer: {', '.join(OPTIMIZERS)}")
     momentum: float = _f(0.9, "SGD momentum (reset each round: optimizer state never leaves a client)")
+    micro_batch_size: int = _f(64, "examples per forward pass; a batch is split, never changed")
     eval_batch_size: int = _f(512, "examples per evaluation batch")
 
 
@@ -268,6 +269,7 @@ def validate(config: Config) -> None:
     _check(t.lr > 0 and math.isfinite(t.lr), "train.lr must be a positive number")
     _check(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}")
     _check(0 <= t.momentum < 1, "train.momentum must be in [0, 1)")
+    _check(t.micro_batch_size >= 1, "train.micro_batch_size must be ≥ 1")
     _check(t.eval_batch_size >= 1, "train.eval_batch_size must be ≥ 1")
     p = c.privacy
     _check(p.epsilon > 0, "privacy.epsilon must be > 0 (or inf to turn DP off), e.g. 3")

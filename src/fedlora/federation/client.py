@@ -121,35 +121,49 @@ class LocalTrainer:
     def _step(self, client: Client, batch_idx: list[int], keys: list[str], noise: torch.Generator):
         """Set `.grad` on the trainable parameters; return the batch's mean loss (or None).
 
-        With DP: g = (Σ_i clip(g_i) + N(0, σ²C²)) / (q·n), per-sample clipping to C = `clip`.
+        With DP: g = (Σ_i clip_C(g_i) + N(0, σ²C²)) / (q·n), each example clipped to C = `clip`.
+        The batch is cut into length-sorted micro-batches, each padded only to its own longest
+        text: per-example gradients do not depend on how examples are grouped, so this is exact.
         """
         privacy = client.privacy
+        chunks = self._micro_batches(client, batch_idx)
         if not privacy.enabled:
-            if not batch_idx:
-                return None
-            losses = self.per_example_loss(client, batch_idx)
-            losses.mean().backward()
-            return float(losses.mean())
+            return self._plain_step(client, chunks, len(batch_idx))
         names = [self.names[k] for k in keys]
         params = [self.handle.params[k] for k in keys]
-        if batch_idx:
+        parts: dict[str, list[Tensor]] = {n: [p.new_zeros((0, *p.shape))] for n, p in zip(names, params)}
+        total = 0.0
+        for idx in chunks:
             value = {}
 
-            def loss_fn():
-                value["losses"] = self.per_example_loss(client, batch_idx)
+            def loss_fn(idx=idx):
+                value["losses"] = self.per_example_loss(client, idx)
                 return value["losses"]
 
-            samples = per_sample_gradients(self.model, loss_fn)
-            loss = float(value["losses"].mean())
-        else:  # an empty Poisson batch: the update is pure noise, as DP-SGD requires
-            samples = {n: p.new_zeros((0, *p.shape)) for n, p in zip(names, params)}
-            loss = None
+            for name, g in per_sample_gradients(self.model, loss_fn).items():
+                parts[name].append(g)
+            total += float(value["losses"].detach().sum())
+        samples = {n: torch.cat(gs) for n, gs in parts.items()}  # an empty batch gives pure noise
         expected = privacy.sample_rate * client.num_examples
         grads, _ = clip_and_noise(samples, clip=privacy.clip, noise_multiplier=privacy.noise_multiplier,
                                   expected_batch_size=expected, generator=noise)
         for name, p in zip(names, params):
             p.grad = grads[name]
-        return loss
+        return total / len(batch_idx) if batch_idx else None
+
+    def _plain_step(self, client: Client, chunks: list[list[int]], n: int) -> float | None:
+        """Non-private: the mean loss over the batch, accumulated over micro-batches."""
+        total = 0.0
+        for idx in chunks:
+            losses = self.per_example_loss(client, idx)
+            (losses.sum() / n).backward()
+            total += float(losses.detach().sum())
+        return total / n if n else None
+
+    def _micro_batches(self, client: Client, batch_idx: list[int]) -> list[list[int]]:
+        ordered = sorted(batch_idx, key=lambda i: len(client.token_ids[i]))
+        size = self.train_cfg.micro_batch_size
+        return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
     def per_example_loss(self, client: Client, idx: list[int]) -> Tensor:
         batch = collate(client.token_ids, idx, self.pad_id)

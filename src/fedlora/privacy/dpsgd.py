@@ -1,0 +1,200 @@
+"""DP-SGD's private gradient: per-example gradients, flat clipping, Gaussian noise.
+
+Per-example gradients come from Opacus's per-layer grad samplers
+(`GradSampleModule.GRAD_SAMPLERS[type(module)]`: nn.Linear — PEFT's lora_A / lora_B and the
+classifier head —, nn.Embedding, nn.LayerNorm, ...), driven by our own temporary hooks, so
+the model is never wrapped: parameter names stay as they are and the same model can be used
+round after round.
+
+For a module computing y = f(x; θ) on a batch, the gradient of Σ_i L_i w.r.t. θ splits into
+per-example terms because example i only touches rows i of x and y; the grad sampler turns
+(x, ∂(Σ_j L_j)/∂y) into the n per-example gradients ∂L_i/∂θ (for nn.Linear:
+∂L_i/∂W = Σ_t (∂L_i/∂y_{i,t}) x_{i,t}ᵀ over the sequence positions t).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from opacus.grad_sample import GradSampleModule
+from torch import Tensor, nn
+
+__all__ = ["per_sample_gradients", "per_sample_norms", "clip_factors", "clip_and_noise"]
+
+NORM_EPS = 1e-6  # as Opacus: the clip factor is C / (‖g_i‖ + 1e-6)
+
+
+# --------------------------------------------------------------------------- per-example grads
+
+
+def _trainable_owners(model: nn.Module) -> list[tuple[str, nn.Module, list[tuple[str, nn.Parameter]]]]:
+    """Modules that directly own trainable parameters, with their parameters' full names.
+
+    Names are those of `model.named_parameters()`. Raises `TypeError` for a module type
+    without an Opacus grad sampler and `ValueError` for a trainable parameter owned by two
+    modules (tied weights: its per-example gradient would be split across two hooks).
+    """
+    owners, seen = [], {}
+    for mod_name, module in model.named_modules():
+        params = [(f"{mod_name}.{n}" if mod_name else n, p)
+                  for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not params:
+            continue
+        for name, p in params:
+            if id(p) in seen:
+                raise ValueError(
+                    f"trainable parameter {name!r} is shared with {seen[id(p)]!r} (tied weights); "
+                    "per-example gradients of tied parameters are not supported: freeze or untie it"
+                )
+            seen[id(p)] = name
+        if type(module) not in GradSampleModule.GRAD_SAMPLERS:
+            raise TypeError(
+                f"module {mod_name or '<root>'!r} of type {type(module).__qualname__} has trainable "
+                f"parameters ({', '.join(n for n, _ in params)}) but Opacus has no per-example "
+                "gradient function for that type; freeze those parameters"
+            )
+        owners.append((mod_name, module, params))
+    return owners
+
+
+class _Recorder:
+    """Forward hook saves a module's inputs, full backward hook its output gradient."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.activations: list[Tensor] | None = None
+        self.backprops: Tensor | None = None
+
+    def forward_hook(self, module: nn.Module, inputs: tuple, output) -> None:
+        if self.activations is not None:
+            raise RuntimeError(
+                f"module {self.name!r} ran more than once in one forward pass; per-example "
+                "gradients of reused modules are not supported"
+            )
+        if not inputs:
+            raise RuntimeError(f"module {self.name!r} was called without positional inputs")
+        self.activations = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
+
+    def backward_hook(self, module: nn.Module, grad_input, grad_output) -> None:
+        self.backprops = grad_output[0].detach()
+
+
+def per_sample_gradients(
+    model: nn.Module, per_example_loss: Callable[[], Tensor]
+) -> dict[str, Tensor]:
+    """Per-example gradients ∂L_i/∂θ of every trainable parameter θ.
+
+    `per_example_loss()` runs the model and returns the n per-example losses L_1..L_n as a
+    1-D tensor (not averaged). Σ_i L_i is back-propagated once with `torch.autograd.grad`
+    (so `.grad` is not touched: it stays as it was, None in a training loop) and Opacus's
+    grad samplers turn each module's inputs and output gradients into per-example gradients.
+
+    Returns `{name: tensor of shape (n, *param.shape)}` keyed by `model.named_parameters()`
+    names. A trainable parameter that did not take part in the loss gets zeros. With n = 0
+    the tensors have shape (0, *param.shape) (the shape `clip_and_noise` wants for an empty
+    batch). All hooks are removed before returning, also on error.
+    """
+    owners = _trainable_owners(model)
+    recorders = [_Recorder(name) for name, _, _ in owners]
+    handles = []
+    try:
+        for (_, module, _), rec in zip(owners, recorders):
+            handles.append(module.register_forward_hook(rec.forward_hook))
+            handles.append(module.register_full_backward_hook(rec.backward_hook))
+        losses = per_example_loss()
+        if not isinstance(losses, Tensor) or losses.dim() != 1:
+            raise ValueError("per_example_loss() must return a 1-D tensor of per-example losses")
+        n = losses.shape[0]
+        params = [p for _, _, ps in owners for _, p in ps]
+        if n > 0 and params:
+            torch.autograd.grad(losses.sum(), params, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[str, Tensor] = {}
+    for (mod_name, module, params), rec in zip(owners, recorders):
+        out.update(_module_grad_samples(module, params, rec, n))
+    return out
+
+
+def _module_grad_samples(module: nn.Module, params: list[tuple[str, nn.Parameter]],
+                         rec: _Recorder, n: int) -> dict[str, Tensor]:
+    """One module's per-example gradients from its recorded activations and backprops."""
+    if n == 0 or rec.activations is None or rec.backprops is None:
+        # not used in the loss (or an empty batch): every per-example gradient is zero
+        return {name: p.new_zeros((n, *p.shape)) for name, p in params}
+    if rec.backprops.shape[0] != n:
+        raise ValueError(
+            f"module {rec.name!r}: output batch dimension is {rec.backprops.shape[0]}, but there are "
+            f"{n} per-example losses; the batch must be the first dimension everywhere"
+        )
+    grads = GradSampleModule.GRAD_SAMPLERS[type(module)](module, rec.activations, rec.backprops)
+    out = {}
+    for name, p in params:
+        if p not in grads:
+            raise RuntimeError(f"Opacus's grad sampler gave no per-example gradient for {name!r}")
+        out[name] = grads[p].to(p.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------- clip and noise
+
+
+def per_sample_norms(grad_samples: dict[str, Tensor]) -> Tensor:
+    """‖g_i‖ = sqrt(Σ_θ ‖g_i^θ‖²): example i's gradient norm over all parameters together."""
+    per_param = [g.flatten(start_dim=1).norm(2, dim=1) for g in grad_samples.values()]
+    return torch.stack(per_param).norm(2, dim=0)
+
+
+def clip_factors(norms: Tensor, clip: float) -> Tensor:
+    """min(1, C / (‖g_i‖ + 1e-6)): scaling each g_i by it gives ‖g_i‖ ≤ C."""
+    return (clip / (norms + NORM_EPS)).clamp(max=1.0)
+
+
+def clip_and_noise(
+    grad_samples: dict[str, Tensor],
+    *,
+    clip: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    generator: torch.Generator | None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """DP-SGD's private gradient, with flat clipping over all parameters:
+
+        g = (Σ_i min(1, C/(‖g_i‖+1e-6)) · g_i + N(0, σ²C² I)) / B
+
+    with C = `clip`, σ = `noise_multiplier`, B = `expected_batch_size` (q·N under Poisson
+    sampling: dividing by the *expected* size keeps the sensitivity C/B independent of the
+    sampled batch). `grad_samples[name]` has shape (n, *param.shape); for an empty batch pass
+    tensors of shape (0, *param.shape) — the result is then pure noise / B.
+
+    Noise is drawn with `torch.normal(..., generator=generator)` one parameter at a time in
+    sorted name order, so the same generator state gives the same noise; with σ = 0 nothing
+    is drawn. The generator must live on the gradients' device. Returns the private
+    gradients (same names and order as `grad_samples`) and the per-example norms ‖g_i‖
+    before clipping, shape (n,).
+    """
+    if not grad_samples:
+        raise ValueError("grad_samples is empty: no trainable parameters")
+    if not clip > 0:
+        raise ValueError(f"clip must be > 0, got {clip!r}")
+    if not noise_multiplier >= 0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
+    if not expected_batch_size > 0:
+        raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size!r}")
+    sizes = {g.shape[0] for g in grad_samples.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"grad samples disagree on the batch size: {sorted(sizes)}")
+
+    norms = per_sample_norms(grad_samples)
+    factors = clip_factors(norms, clip)
+    summed = {name: torch.einsum("i,i...->...", factors.to(g.dtype), g)
+              for name, g in grad_samples.items()}
+    if noise_multiplier > 0:
+        std = noise_multiplier * clip
+        for name in sorted(summed):
+            s = summed[name]
+            s += torch.normal(0.0, std, size=s.shape, generator=generator, dtype=s.dtype,
+                              device=s.device)
+    return {name: s / expected_batch_size for name, s in summed.items()}, norms

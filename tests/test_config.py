@@ -1,0 +1,59 @@
+"""Config loading, overrides, round trips and the shipped config files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from fedlora.config import Config, config_to_toml, load_config
+from fedlora.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_are_the_default_job():
+    c = load_config()
+    assert (c.method.name, c.method.rank, c.method.target_modules) == ("ffa", 8, ["query", "value"])
+    assert (c.privacy.epsilon, c.privacy.delta) == (3.0, 1e-5)
+    assert (c.federation.clients, c.data.partition, c.data.dirichlet_alpha) == (3, "dirichlet", 0.5)
+
+
+def test_overrides_parse_toml_values():
+    c = load_config(None, ["privacy.epsilon=inf", "method.target_modules=[\"query\"]",
+                           "method.alpha=16", "seed=3", "method.name=lora"])
+    assert math.isinf(c.privacy.epsilon) and not c.private
+    assert c.method.target_modules == ["query"] and c.method.alpha == 16.0 and c.seed == 3
+
+
+def test_toml_round_trip(tmp_path):
+    c = load_config(None, ["privacy.epsilon=inf", "data.path=/tmp/x y.csv"])
+    p = tmp_path / "c.toml"
+    p.write_text(config_to_toml(c))
+    assert load_config(p) == c
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_say_how_to_run_them(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# fedlora run --config configs/" + path.name)
+    load_config(path)
+
+
+def test_default_toml_equals_builtin_defaults():
+    assert load_config(CONFIGS / "default.toml") == Config()
+
+
+def test_file_then_overrides(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[privacy]\nepsilon = 6\n[method]\nname = \"lora\"\n")
+    c = load_config(p, ["privacy.epsilon=1"])
+    assert c.privacy.epsilon == 1.0 and c.method.name == "lora"
+
+
+def test_section_given_as_value_is_an_error(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("privacy = 3\n")
+    with pytest.raises(ConfigError, match=r"\[privacy\]"):
+        load_config(p)
