@@ -14,7 +14,7 @@ from fedlora.config import Config, apply_override, config_from_dict, config_to_t
 from fedlora.experiment import Experiment, build_experiment, majority_accuracy, partition_report
 from fedlora.federation.server import FederationState, RoundPlan, run_rounds
 from fedlora.federation.simulation import InProcessTransport
-from fedlora.model import count_parameters
+from fedlora.model import count_parameters, save_base_delta
 from fedlora.outputs import RunFolder, default_out_dir
 
 
@@ -81,20 +81,38 @@ def _execute(exp: Experiment, folder: RunFolder, say, start: float) -> dict[str,
 
 def export_adapter(exp: Experiment, state: FederationState, path: Path) -> None:
     """The global adapter (LoRA A, B and the head) in PEFT's format, loadable with
-    `PeftModel.from_pretrained(base, path)`."""
-    exp.trainer.handle.install({**exp.initial, **state.glob.adapter})
+    `PeftModel.from_pretrained(base, path)`.
+
+    Methods that change base weights (FedEx-LoRA, FLoRA, full) also write
+    `base_delta.safetensors` next to `adapter/`: Δ keyed by the plain model's parameter names,
+    to add to the base before loading the adapter (`fedlora.model.apply_base_delta`).
+    Personalised methods also write each client's own adapter to `clients/<k>/adapter`.
+    """
+    glob = state.glob
+    handle = exp.trainer.handle
+    handle.install({**exp.initial, **glob.tensors()})
     exp.model.save_pretrained(str(path))
+    if glob.base_delta:
+        save_base_delta(glob.base_delta, path.parent / "base_delta.safetensors")
+    if exp.method.personalised:
+        for client in exp.clients:
+            handle.install(exp.method.client_state(
+                exp.initial, client.personal, exp.method.download(glob, client.cid), client.cid))
+            exp.model.save_pretrained(str(path.parent / "clients" / str(client.cid) / "adapter"))
+    handle.install({**exp.initial, **glob.tensors()})
 
 
 def build_summary(exp: Experiment, state: FederationState, seconds: float) -> dict[str, Any]:
     config, last = exp.config, (state.history[-1] if state.history else {})
     evaluated = [h for h in state.history if h.get("test_accuracy") is not None]
     final = evaluated[-1] if evaluated else {}
-    trained = {k: v for k, v in exp.initial.items() if exp.method.trainable(k, 0)}
+    shapes = exp.trainer.handle.shapes()
+    trained = sum(math.prod(s) for k, s in shapes.items() if exp.method.trainable(k, 0))
     return {
         "method": config.method.name,
         "test_accuracy": final.get("test_accuracy"),
         "test_loss": final.get("test_loss"),
+        "test_accuracy_per_client": final.get("test_accuracy_per_client"),
         "validation_accuracy": final.get("validation_accuracy"),
         "majority_accuracy": majority_accuracy(exp),
         "epsilon": max(state.epsilon.values(), default=0.0),
@@ -112,7 +130,7 @@ def build_summary(exp: Experiment, state: FederationState, seconds: float) -> di
         "clients": config.federation.clients,
         "bytes_uploaded": state.bytes_uploaded,
         "bytes_downloaded": state.bytes_downloaded,
-        "trainable_parameters": count_parameters(trained),
+        "trainable_parameters": trained,
         "adapter_parameters": count_parameters(exp.initial),
         "refused": {str(k): v for h in state.history for k, v in h.get("refused", {}).items()},
         "seed": config.seed,
