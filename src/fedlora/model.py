@@ -55,7 +55,12 @@ def resolve_model_path(path: str) -> str:
 
 
 def _quiet_transformers() -> None:
+    import warnings
+
     import transformers
+
+    # transformers 5.23 warns about its own deprecated call inside PEFT; not the user's concern
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
