@@ -137,13 +137,31 @@ def test_learns_without_dp(tmp_path, tiny_overrides):
     assert s["test_accuracy"] >= 0.8
 
 
-def test_crash_mid_run_leaves_nothing(tmp_path, tiny_overrides, monkeypatch):
+def test_crash_mid_run_leaves_no_run_folder_but_keeps_what_was_spent(tmp_path, tiny_overrides,
+                                                                      monkeypatch):
+    """The run folder never appears half-written; once clients have trained, their ledgers are
+    kept in `crash.partial/` (ε they spent must not be forgotten) and the error says how to resume."""
     from fedlora.federation import evaluate
 
     def boom(self, glob):
         raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(evaluate.Evaluator, "__call__", boom)
+    with pytest.raises(RuntimeError) as info:
+        fedlora.run(None, tmp_path / "crash", overrides=tiny_overrides, progress=None)
+    assert [p.name for p in tmp_path.iterdir()] == ["crash.partial"]
+    assert sorted(p.name for p in (tmp_path / "crash.partial" / "ledger").iterdir()) == [
+        "client-0.json", "client-1.json", "client-2.json"]
+    assert "--resume" in " ".join(info.value.__notes__)
+
+
+def test_crash_before_any_training_leaves_nothing(tmp_path, tiny_overrides, monkeypatch):
+    from fedlora.federation.client import LocalTrainer
+
+    def boom(self, client, download, round):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(LocalTrainer, "train", boom)
     with pytest.raises(RuntimeError):
         fedlora.run(None, tmp_path / "crash", overrides=tiny_overrides, progress=None)
     assert list(tmp_path.iterdir()) == []

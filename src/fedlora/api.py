@@ -11,39 +11,97 @@ from typing import Any, Callable
 
 from fedlora import report
 from fedlora.config import Config, apply_override, config_from_dict, config_to_toml, load_config
+from fedlora.errors import ConfigError, FedloraError
 from fedlora.experiment import Experiment, build_experiment, majority_accuracy, partition_report
+from fedlora.federation import checkpoint as ckpt
 from fedlora.federation.server import FederationState, RoundPlan, run_rounds
 from fedlora.federation.simulation import InProcessTransport
+from fedlora.federation.validate import UpdateValidator, template_state
 from fedlora.model import count_parameters, save_base_delta
 from fedlora.outputs import RunFolder, default_out_dir
+from fedlora.privacy.ledger import PrivacyLedger, adopt_ledger
 
 
 def run(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,
         overrides: list[str] | None = None,
-        progress: Callable[[str], None] | None = print) -> dict[str, Any]:
+        progress: Callable[[str], None] | None = print,
+        resume: str | Path | None = None) -> dict[str, Any]:
     """Run one experiment and return its summary (also written to `out/summary.json`).
 
     `config` is a `Config`, a nested dict (as in the TOML file), a path to a TOML file, or None
     for the default job; `overrides` are `section.key=value` strings applied on top.
+
+    `resume=DIR` continues the interrupted run whose folder is `DIR.partial/` from its last
+    checkpoint, with the config saved there (a `config`/`overrides` given as well must resolve
+    to the same config, `threads` aside). The result equals an uninterrupted run's.
     """
-    config = _resolve(config, overrides)
     say = progress or (lambda _: None)
-    folder = RunFolder(out or default_out_dir(config.method.name, config.privacy.epsilon))
     start = time.perf_counter()
+    if resume is not None:
+        folder = RunFolder(resume, resume=True)
+        config, saved = _resume_config(folder, config, overrides)
+    else:
+        config, saved = _resolve(config, overrides), None
+        folder = RunFolder(out or default_out_dir(config.method.name, config.privacy.epsilon))
     say(report.banner(config))
     exp = build_experiment(config)  # every input check happens here, before anything is written
     say(report.describe_setup(exp))
     folder.open()
     try:
-        summary = _execute(exp, folder, say, start)
+        summary = _execute(exp, folder, say, start, saved)
         final = folder.commit()
-    except BaseException:
-        folder.abort()
+    except BaseException as err:
+        keep = folder.resuming or _resumable(folder)
+        folder.abort(keep)
+        if keep:
+            err.add_note(f"the run so far is kept in '{folder.partial}' — continue it with "
+                         f"`fedlora run --resume {folder.final}`")
         raise
     summary["out"] = str(final)
     say(report.summary_table(summary))
     say(f"run folder: {final}")
     return summary
+
+
+def _resume_config(folder: RunFolder, config, overrides) -> tuple[Config, ckpt.Checkpoint | None]:
+    """The interrupted run's config (checked against any config given) and its checkpoint."""
+    try:
+        saved = load_config(folder.path("config.toml"))
+    except FedloraError as err:
+        raise ckpt.CheckpointError(f"--resume: '{folder.partial}' holds no usable config.toml "
+                                   f"({err}) — it cannot be resumed") from None
+    if config is not None or overrides:
+        asked = _resolve(config, overrides)
+        diff = _differences(saved, asked)
+        if diff:
+            raise ConfigError(f"--resume: '{folder.partial}' was started with another config "
+                              f"({'; '.join(diff[:3])}) — resume without --config/overrides, "
+                              "or start a new run with --out")
+        saved = dataclasses.replace(saved, threads=asked.threads)
+    path = folder.path(ckpt.FILENAME)
+    return saved, (ckpt.load_checkpoint(path, saved) if path.exists() else None)
+
+
+def _differences(a: Config, b: Config) -> list[str]:
+    fa, fb = _flat(dataclasses.asdict(a)), _flat(dataclasses.asdict(b))
+    return [f"{k}: {fa.get(k)!r} there, {fb.get(k)!r} here"
+            for k in sorted(set(fa) | set(fb)) if k != "threads" and fa.get(k) != fb.get(k)]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _resumable(folder: RunFolder) -> bool:
+    """Is there anything in `DIR.partial/` worth resuming: a checkpoint or a spent ε?"""
+    ledgers = folder.path("ledger")
+    return folder.path(ckpt.FILENAME).exists() or (ledgers.is_dir() and any(ledgers.iterdir()))
 
 
 def _resolve(config, overrides) -> Config:
@@ -59,23 +117,42 @@ def _resolve(config, overrides) -> Config:
     return load_config(config, overrides)
 
 
-def _execute(exp: Experiment, folder: RunFolder, say, start: float) -> dict[str, Any]:
+def _execute(exp: Experiment, folder: RunFolder, say, start: float,
+             saved: ckpt.Checkpoint | None) -> dict[str, Any]:
     config = exp.config
-    folder.write_text("config.toml", config_to_toml(config))
-    folder.write_json("partition.json", partition_report(exp))
+    if not folder.resuming:
+        folder.write_text("config.toml", config_to_toml(config))
+        folder.write_json("partition.json", partition_report(exp))
     f = config.federation
-    plan = RoundPlan(f.rounds, f.clients, f.clients_per_round, f.eval_every, config.seed)
-    state = FederationState(glob=exp.method.init_global(exp.initial))
+    plan = RoundPlan(f.rounds, f.clients, f.clients_per_round, f.eval_every, config.seed,
+                     checkpoint_every=f.checkpoint_every, on_bad_update=f.on_bad_update)
+    folder.path("ledger").mkdir(exist_ok=True)
+    if saved is not None:
+        state = ckpt.restore(saved, exp.clients)
+        say(f"resuming after round {saved.round} of {f.rounds} from {folder.partial}")
+    else:
+        state = FederationState(glob=exp.method.init_global(exp.initial))
+    for client in exp.clients:  # a client's ε never goes below what its ledger says it spent
+        client.ledger = PrivacyLedger(folder.path(f"ledger/client-{client.cid}.json"))
+        adopt_ledger(client.ledger, client.privacy.accountant)
+    folder.write_jsonl("metrics.jsonl", state.history)  # drops lines past the checkpoint
     transport = InProcessTransport(exp.trainer, exp.clients)
+    validator = UpdateValidator(exp.method, template_state(exp.trainer.handle, exp.initial),
+                                f.max_update_norm)
 
     def on_round(record: dict) -> None:
         folder.append_jsonl("metrics.jsonl", record)
         say(report.round_line(record, config))
 
-    run_rounds(exp.method, state, transport, plan, exp.evaluate, on_round)
+    def save(state: FederationState) -> None:
+        ckpt.save_checkpoint(folder.path(ckpt.FILENAME), config, state, exp.clients)
+
+    run_rounds(exp.method, state, transport, plan, exp.evaluate, on_round,
+               validator=validator, checkpoint=save)
     export_adapter(exp, state, folder.path("adapter"))
     summary = build_summary(exp, state, time.perf_counter() - start)
     folder.write_json("summary.json", summary)
+    folder.path(ckpt.FILENAME).unlink(missing_ok=True)  # the results supersede it
     return summary
 
 
@@ -133,6 +210,8 @@ def build_summary(exp: Experiment, state: FederationState, seconds: float) -> di
         "trainable_parameters": trained,
         "adapter_parameters": count_parameters(exp.initial),
         "refused": {str(k): v for h in state.history for k, v in h.get("refused", {}).items()},
+        "rejected": {f"round {h['round']}, client {k}": v for h in state.history
+                     for k, v in h.get("rejected", {}).items()},
         "seed": config.seed,
         "wall_seconds": round(seconds, 2),
         "private": not math.isinf(config.privacy.epsilon),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedlora.errors import FedloraError
+from fedlora.errors import ConfigError, FedloraError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -16,6 +16,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one experiment (no arguments: the default job)")
     run.add_argument("--config", help="TOML config file (default: built-in defaults)")
     run.add_argument("--out", help="run folder to create (default: runs/<method>-eps<ε>-<time>)")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue the interrupted run of folder DIR (kept in DIR.partial/) "
+                          "from its last checkpoint, with its saved config")
     run.add_argument("overrides", nargs="*", metavar="section.key=value",
                      help="config overrides, e.g. privacy.epsilon=inf method.name=lora")
     sub.add_parser("methods", help="list the federated methods")
@@ -30,11 +33,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except FedloraError as err:
-        print(f"fedlora: error: {err}", file=sys.stderr)
+        print(f"fedlora: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fedlora: interrupted — nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        kept = _notes(err)
+        print(f"fedlora: interrupted — {kept or 'nothing was written'}", file=sys.stderr)
         return 130
+
+
+def _notes(err: BaseException) -> str:
+    return " ".join(getattr(err, "__notes__", []))
+
+
+def _one_line(err: BaseException) -> str:
+    """The message and any note (where a resumable run was kept) on one line."""
+    return " ".join(" ".join([str(err), _notes(err)]).split())
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -46,13 +59,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     from fedlora.config import config_to_toml, load_config
 
-    config = load_config(args.config, args.overrides)
     if args.command == "config":
-        print(config_to_toml(config), end="")
+        print(config_to_toml(load_config(args.config, args.overrides)), end="")
         return 0
     from fedlora.api import run
 
-    run(config, args.out)
+    if args.resume:
+        if args.out:
+            raise ConfigError("--resume continues a run in its own folder — drop --out")
+        run(args.config, overrides=args.overrides, resume=args.resume)
+        return 0
+    run(load_config(args.config, args.overrides), args.out)
     return 0
 
 

@@ -23,6 +23,7 @@ PARTITIONS = ("iid", "dirichlet", "group")
 OPTIMIZERS = ("sgd", "adam")
 HEADS = ("shared", "local")
 ACCOUNTANTS = ("rdp", "prv")
+BAD_UPDATE = ("skip", "stop")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -59,6 +60,14 @@ class FederationConfig:
     local_steps: int = _f(4, "DP-SGD steps each client takes per round")
     clients_per_round: int = _f(0, "clients sampled each round (0 = all)")
     eval_every: int = _f(1, "evaluate the global model every k rounds (and always after the last)")
+    checkpoint_every: int = _f(
+        1, "write a resumable checkpoint every k rounds (and after the last); 0 = never")
+    on_bad_update: str = _f(
+        "skip", f"a client update that fails validation: {', '.join(BAD_UPDATE)} "
+        "(skip = reject it and go on with the others; stop = end the run)")
+    max_update_norm: float = _f(
+        0.0, "reject an update whose L2 distance from what the client was sent exceeds this "
+        "(0 = no bound)")
 
 
 @dataclass
@@ -270,6 +279,11 @@ def validate(config: Config) -> None:
     _check(0 <= f.clients_per_round <= f.clients,
            f"federation.clients_per_round must be in [0, {f.clients}] (0 = all clients)")
     _check(f.eval_every >= 1, "federation.eval_every must be ≥ 1")
+    _check(f.checkpoint_every >= 0, "federation.checkpoint_every must be ≥ 0 (0 = never)")
+    _check(f.on_bad_update in BAD_UPDATE,
+           f"federation.on_bad_update must be one of {', '.join(BAD_UPDATE)}, got '{f.on_bad_update}'")
+    _check(f.max_update_norm >= 0 and not math.isinf(f.max_update_norm),
+           "federation.max_update_norm must be a finite number ≥ 0 (0 = no bound)")
     m = c.method
     from fedlora.methods import available_methods, method_class
 

@@ -52,7 +52,10 @@ def round_line(record: dict[str, Any], config: Config) -> str:
     if record.get("validation_accuracy") is not None:
         scores += f" · val acc {record['validation_accuracy']:.3f}"
     eps = f"ε {_eps(record['epsilon'])}/{_eps(config.privacy.epsilon)}" if config.private else "ε ∞"
-    refused = f" · refused: {sorted(record['refused'])}" if record.get("refused") else ""
+    refused = f" · refused: {sorted(record['refused'], key=int)}" if record.get("refused") else ""
+    if record.get("rejected"):  # named with the reason: an operator must see who sent what
+        refused += " · rejected " + "; ".join(
+            f"client {c}: {why}" for c, why in sorted(record["rejected"].items(), key=lambda x: int(x[0])))
     return (f"round {record['round']:3d}/{config.federation.rounds} · {scores} · {eps} · "
             f"up {_bytes(record['bytes_uploaded'])} · {record['seconds']:.1f} s{refused}")
 

@@ -18,7 +18,10 @@ from fedlora.data.batching import collate
 from fedlora.methods import lowrank
 from fedlora.methods.base import Method, State
 from fedlora.model import AdapterHandle
+from fedlora.federation.wire import state_digest
+from fedlora.privacy.accountant import PrivacyAccountant
 from fedlora.privacy.dpsgd import clip_and_noise, per_sample_gradients
+from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.plan import ClientPrivacy
 from fedlora.seeding import derive_seed
 
@@ -47,6 +50,7 @@ class Client:
     seed: int
     personal: State = field(default_factory=dict)
     steps: int = 0  # DP-SGD steps taken over all rounds
+    ledger: PrivacyLedger | None = None  # persisted before each upload leaves (resume-safe ε)
 
     @property
     def num_examples(self) -> int:
@@ -69,8 +73,19 @@ class LocalTrainer:
 
     # ------------------------------------------------------------------ one client round
     def train(self, client: Client, download: State, round: int) -> ClientReply:
+        """One round of local training; with a ledger, a round already trained on this very
+        download is replayed without charging ε again (see `fedlora.privacy.ledger`)."""
         privacy = client.privacy
-        if not privacy.can_take(self.local_steps):
+        digest, seen = None, None
+        if client.ledger is not None:
+            digest = state_digest(download)
+            seen = client.ledger.entry(round)
+            if seen is not None and seen["digest"] != digest:
+                return self._refuse(client, f"client {client.cid} already trained round {round + 1} "
+                                            "on a different global model; retraining it with the "
+                                            "same noise would leak — it sits this round out")
+        replay = seen is not None
+        if not replay and not privacy.can_take(self.local_steps):
             return self._refuse(client, f"client {client.cid} has spent its privacy budget "
                                         f"(ε={privacy.spent():.3f} of {privacy.epsilon}); it stops")
         rank = self.method.client_rank(client.cid)
@@ -95,7 +110,8 @@ class LocalTrainer:
             optimizer.zero_grad(set_to_none=True)
             if masked:
                 lowrank.zero_beyond_rank_(masked, rank)
-            privacy.record_step()  # recorded before anything leaves the client
+            if not replay:
+                privacy.record_step()  # recorded before anything leaves the client
             client.steps += 1
             if loss is not None:
                 losses.append(loss)
@@ -103,11 +119,13 @@ class LocalTrainer:
         self.handle.set_trainable(lambda k: False)
         local = self.handle.state()
         client.personal = {k: v for k, v in local.items() if self.method.personal(k)}
+        if client.ledger is not None and not replay:  # on disk before the upload leaves
+            client.ledger.record(round, digest, privacy.accountant.state_dict())
         return ClientReply(
             client=client.cid,
             upload=lowrank.slice_to_rank(self.method.upload(local, round), rank),
             num_examples=client.num_examples,
-            epsilon=privacy.spent() if privacy.enabled else math.inf,
+            epsilon=_spent_after(privacy, seen),
             steps=client.steps,
             train_loss=float(sum(losses) / len(losses)) if losses else math.nan,
         )
@@ -186,3 +204,14 @@ class LocalTrainer:
         labels = torch.tensor([client.labels[i] for i in idx], dtype=torch.long)
         logits = self.model(**batch).logits
         return F.cross_entropy(logits, labels, reduction="none")
+
+
+def _spent_after(privacy: ClientPrivacy, replayed: dict | None) -> float:
+    """ε reported with an upload: spent so far, or for a replayed round what was spent then."""
+    if not privacy.enabled:
+        return math.inf
+    if replayed is None:
+        return privacy.spent()
+    then = PrivacyAccountant(privacy.accountant.kind)
+    then.load_state_dict(replayed["accountant"])
+    return then.epsilon(privacy.delta)

@@ -1,7 +1,11 @@
 """The round loop, written once for every runner; transports differ only in how messages travel.
 
     for each round:  pick clients → download(global) → [transport: clients train] →
-                     aggregate(updates) → evaluate → one metrics record
+                     validate replies → aggregate(accepted) → evaluate → one metrics record
+                     → checkpoint (every `checkpoint_every` rounds and after the last)
+
+A reply that fails validation never reaches `method.aggregate`: it is rejected and logged with
+the client's id; the round goes on with the others, or the run stops (`on_bad_update`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from fedlora.errors import FedloraError
 from fedlora.federation.client import ClientReply
+from fedlora.federation.validate import UpdateValidator
 from fedlora.methods.base import GlobalState, Method, State, Update
 from fedlora.seeding import derive_seed
 
@@ -39,6 +45,12 @@ class RoundPlan:
     clients_per_round: int  # 0 = all
     eval_every: int
     seed: int
+    checkpoint_every: int = 0  # 0 = never
+    on_bad_update: str = "skip"  # or "stop"
+
+
+class UpdateRejected(FedloraError):
+    """A client's update failed validation and the run is configured to stop."""
 
 
 @dataclass
@@ -54,6 +66,7 @@ class FederationState:
 
 
 Evaluate = Callable[[GlobalState], dict[str, float]]
+Checkpoint = Callable[[FederationState], None]
 
 
 def select_clients(plan: RoundPlan, round: int) -> list[int]:
@@ -66,34 +79,81 @@ def select_clients(plan: RoundPlan, round: int) -> list[int]:
 
 
 def run_rounds(method: Method, state: FederationState, transport: Transport, plan: RoundPlan,
-               evaluate: Evaluate, on_round: Callable[[dict], None] | None = None) -> FederationState:
-    """Run `plan.rounds` rounds, mutating and returning `state`."""
+               evaluate: Evaluate, on_round: Callable[[dict], None] | None = None, *,
+               validator: UpdateValidator | None = None,
+               checkpoint: Checkpoint | None = None) -> FederationState:
+    """Run rounds `len(state.history)` … `plan.rounds − 1`, mutating and returning `state`.
+
+    Starting from a restored state continues a run exactly where its checkpoint left it.
+    """
     for r in range(len(state.history), plan.rounds):
         start = time.perf_counter()
         selected = select_clients(plan, r)
         downloads = {c: method.download(state.glob, c) for c in selected}
         exchange = transport.exchange(r, downloads)
-        accepted = [rep for rep in exchange.replies if rep.refused is None]
+        accepted, rejected = _screen(exchange.replies, downloads, validator, r)
+        if rejected and plan.on_bad_update == "stop":
+            cid, reason = next(iter(rejected.items()))
+            raise UpdateRejected(f"round {r + 1}: the update of client {cid} was rejected ({reason}) "
+                                 "— federation.on_bad_update='stop' ends the run; set it to 'skip' "
+                                 "to go on without that client's update")
         updates = [Update(rep.client, rep.upload, rep.num_examples) for rep in accepted]
         state.glob = method.aggregate(state.glob, updates, r)
         for rep in exchange.replies:
-            state.epsilon[rep.client] = rep.epsilon
-            state.steps[rep.client] = rep.steps
+            if rep.client in downloads and _is_epsilon(rep.epsilon):  # ε never goes down
+                state.epsilon[rep.client] = max(state.epsilon.get(rep.client, 0.0), rep.epsilon)
+                state.steps[rep.client] = rep.steps
         state.bytes_uploaded += exchange.bytes_uploaded
         state.bytes_downloaded += exchange.bytes_downloaded
-        last = r == plan.rounds - 1 or not accepted
+        exhausted = all(rep.refused is not None for rep in exchange.replies)
+        last = r == plan.rounds - 1 or exhausted
         scores = evaluate(state.glob) if (r + 1) % plan.eval_every == 0 or last else {}
-        record = _record(r, selected, exchange, accepted, state, scores, time.perf_counter() - start)
+        record = _record(r, selected, exchange, accepted, rejected, state, scores,
+                         time.perf_counter() - start)
         state.history.append(record)
         if on_round:
             on_round(record)
-        if not accepted:  # every selected client refused: nobody has budget left
+        if checkpoint and plan.checkpoint_every and ((r + 1) % plan.checkpoint_every == 0 or last):
+            checkpoint(state)
+        if exhausted:  # every selected client refused: nobody has budget left
             break
     return state
 
 
-def _record(r, selected, exchange, accepted, state, scores, seconds) -> dict:
-    losses = [rep.train_loss for rep in accepted if not math.isnan(rep.train_loss)]
+def _screen(replies: list[ClientReply], downloads: dict[int, State],
+            validator: UpdateValidator | None, r: int) -> tuple[list[ClientReply], dict[str, str]]:
+    """The replies that may be aggregated, and {client: reason} for those rejected."""
+    accepted, rejected, seen = [], {}, set()
+    for rep in replies:
+        if rep.refused is not None:
+            continue
+        if rep.client not in downloads or rep.client in seen:
+            reason = "was not asked to train this round" if rep.client not in downloads \
+                else "sent more than one update"
+        elif validator is not None:
+            reason = validator.check(rep.client, rep.upload, rep.num_examples, rep.epsilon,
+                                     downloads[rep.client], r)
+        else:
+            reason = None
+        seen.add(rep.client)
+        if reason is None:
+            accepted.append(rep)
+        else:
+            rejected[str(rep.client)] = reason
+    return accepted, rejected
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_epsilon(x: object) -> bool:
+    return _is_number(x) and not math.isnan(x) and x >= 0
+
+
+def _record(r, selected, exchange, accepted, rejected, state, scores, seconds) -> dict:
+    losses = [rep.train_loss for rep in accepted if _is_number(rep.train_loss)
+              and math.isfinite(rep.train_loss)]
     return {
         "round": r + 1,
         **{k: scores.get(k) for k in ("test_accuracy", "test_loss")},
@@ -102,7 +162,8 @@ def _record(r, selected, exchange, accepted, state, scores, seconds) -> dict:
         "epsilon": max(state.epsilon.values(), default=0.0),
         "epsilon_per_client": [state.epsilon.get(c, 0.0) for c in range(_n(state))],
         "clients": selected,
-        "refused": {rep.client: rep.refused for rep in exchange.replies if rep.refused},
+        "refused": {str(rep.client): rep.refused for rep in exchange.replies if rep.refused},
+        "rejected": rejected,
         "bytes_uploaded": exchange.bytes_uploaded,
         "bytes_downloaded": exchange.bytes_downloaded,
         "seconds": round(seconds, 3),

@@ -1,0 +1,84 @@
+"""A client's privacy ledger on disk: what it has spent survives a crash of anyone.
+
+A client writes its accountant state to its ledger *before* its update leaves (an atomic
+replace, fsync'd), so whatever the server later remembers, the client's ε is never lower than
+what it released. After a crash the server resumes from its last checkpoint and may ask a
+client to train a round again. The ledger also keeps, per round, a digest of the download the
+client trained on:
+
+* same round, same digest — the client's computation is a deterministic function of its data,
+  the download and seeds derived from (seed, client, round), so the retrained upload is
+  bit-for-bit the one already released and accounted for: releasing it again is
+  post-processing and costs no ε. The round is *replayed* without charging the accountant.
+* same round, different digest — retraining would reuse the same noise on a different model,
+  and the difference of two such uploads is noise-free: the client refuses that round.
+
+Where the ledger lives is the transport's business: in simulation one file per client inside
+the run folder; in a deployment each client keeps its own (e.g. a Flower ClientApp's disk).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedlora.errors import FedloraError
+from fedlora.fsutil import atomic_write_bytes
+
+
+class LedgerError(FedloraError):
+    """A client's privacy ledger is unreadable."""
+
+
+class PrivacyLedger:
+    """`{"rounds": {round: {"digest": ..., "accountant": state_dict after that round}}}`.
+
+    The latest entry is what the client has spent; older entries let a replayed round report
+    the ε it reported the first time (so a resumed run's metrics match an uninterrupted one).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rounds: dict[int, dict] = {}
+        if self.path.exists():
+            self._read()
+
+    def _read(self) -> None:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            self.rounds = {int(r): {"digest": str(e["digest"]), "accountant": dict(e["accountant"])}
+                           for r, e in data["rounds"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise LedgerError(f"privacy ledger '{self.path}' is unreadable ({err}) — the client's "
+                              "spent ε cannot be trusted; restore the file or start a new run") from None
+
+    @property
+    def latest(self) -> dict | None:
+        """The accountant state after the last round this client trained (None: never trained)."""
+        return self.rounds[max(self.rounds)]["accountant"] if self.rounds else None
+
+    def entry(self, round: int) -> dict | None:
+        """`{"digest", "accountant"}` of round `round` if this client trained it."""
+        return self.rounds.get(round)
+
+    def record(self, round: int, digest: str, accountant_state: dict) -> None:
+        """Persist the accountant after round `round`: call before the upload leaves."""
+        self.rounds[round] = {"digest": digest, "accountant": accountant_state}
+        data = {"rounds": {str(r): e for r, e in sorted(self.rounds.items())}}
+        atomic_write_bytes(self.path, json.dumps(data).encode("utf-8"))
+
+
+def adopt_ledger(ledger: PrivacyLedger, accountant) -> None:
+    """Load the ledger's latest state into `accountant` if it has spent more: after a crash a
+    client's ledger can be ahead of the server's checkpoint, never behind what was released."""
+    from fedlora.privacy.accountant import PrivacyAccountant
+
+    if ledger.latest is None:
+        return
+    recorded = PrivacyAccountant(accountant.kind)
+    try:
+        recorded.load_state_dict(ledger.latest)
+    except FedloraError as err:
+        raise LedgerError(f"privacy ledger '{ledger.path}' is unreadable ({err})") from None
+    if recorded.steps_taken > accountant.steps_taken:
+        accountant.load_state_dict(ledger.latest)
