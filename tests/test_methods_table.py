@@ -102,6 +102,7 @@ def test_every_method(name, dp, table_overrides, tmp_path, monkeypatch):
     overrides = table_overrides + [f"method.name={name}"] + ([] if dp else ["privacy.epsilon=inf"])
     summary, log = _run(overrides, tmp_path / "run", monkeypatch)
     assert summary["rounds"] == 2 and summary["method"] == name
+    assert summary["rejected"] == {}  # every honest update passes the server's validation
     assert math.isfinite(summary["test_accuracy"]) and 0 <= summary["test_accuracy"] <= 1
     assert (0 < summary["epsilon"] <= 3.0) if dp else math.isinf(summary["epsilon"])
     exp = build_experiment(load_config(None, overrides))
@@ -128,6 +129,7 @@ def test_unequal_ranks_run_with_dp(name, table_overrides, tmp_path, monkeypatch)
     """Rank-r_k clients upload rank-r_k factors only; the masked coordinates never move."""
     overrides = table_overrides + [f"method.name={name}", "method.client_ranks=[2, 4, 8]"]
     summary, log = _run(overrides, tmp_path / "run", monkeypatch)
+    assert summary["rejected"] == {}  # rank-r_k uploads are what validation expects of r_k
     exp = build_experiment(load_config(None, overrides))
     _check_payloads(exp, log, summary)
     for _, _, uploads in log:

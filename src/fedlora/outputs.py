@@ -61,6 +61,8 @@ class RunFolder:
         if not self.resuming:
             self.partial.mkdir(parents=True, exist_ok=False)
         self._take_lock()
+        for torn in self.partial.rglob(".*.tmp-*"):  # half-written by a killed process: never read
+            torn.unlink(missing_ok=True)
         return self
 
     def path(self, name: str) -> Path:

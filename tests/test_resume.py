@@ -1,0 +1,193 @@
+"""Resume: a run killed at any point and resumed ends exactly like an uninterrupted run.
+
+The killed runs are real processes ended with SIGKILL (no cleanup, no `finally`); a small
+driver installs the kill at a chosen point: after a client trained (its ledger written, the
+round not checkpointed), half-way through writing a checkpoint, just after a checkpoint,
+and while exporting the results. The reference is the same config run without interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import fedlora
+from fedlora.cli import main
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+DRIVER = textwrap.dedent('''
+    import os, signal, sys
+    from fedlora.cli import main
+
+    point, argv = sys.argv[1], sys.argv[2:]
+    kind, _, arg = point.partition(":")
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if kind == "trained":  # after client c trained round r: ledger written, round not finished
+        r, c = map(int, arg.split(","))
+        from fedlora.federation.client import LocalTrainer
+        train = LocalTrainer.train
+        def killing_train(self, client, download, round):
+            reply = train(self, client, download, round)
+            if (round, client.cid) == (r, c):
+                die()
+            return reply
+        LocalTrainer.train = killing_train
+    elif kind in ("torn", "checkpointed"):  # during / right after the n-th checkpoint write
+        n, calls = int(arg), []
+        from fedlora.federation import checkpoint
+        write = checkpoint.atomic_write_bytes
+        def killing_write(path, data):
+            calls.append(path)
+            if len(calls) == n and kind == "torn":
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                tmp.write_bytes(data[: len(data) // 2])
+                die()
+            write(path, data)
+            if len(calls) == n:
+                die()
+        checkpoint.atomic_write_bytes = killing_write
+    elif kind == "export":  # every round done, results not yet written
+        import fedlora.api
+        def killing_export(*args, **kwargs):
+            die()
+        fedlora.api.export_adapter = killing_export
+    sys.exit(main(argv))
+''')
+
+
+@pytest.fixture(scope="module")
+def overrides(tiny_model_dir, toy_csv):
+    return [f"model.path={tiny_model_dir}", "model.max_length=16", f"data.path={toy_csv}",
+            "data.text_column=review", "data.label_column=sentiment", "data.group_column=film",
+            "federation.rounds=3", "federation.local_steps=2", "train.batch_size=16",
+            "train.eval_batch_size=64", "threads=1"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, overrides):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert main(["run", "--out", str(out), *overrides]) == 0
+    return out
+
+
+def _killed(tmp_path: Path, point: str, argv: list[str]) -> None:
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(driver), point, *argv], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
+def outcome(folder: Path) -> dict:
+    """Everything a run leaves, wall-clock fields aside."""
+    summary = json.loads((folder / "summary.json").read_text())
+    for k in ("wall_seconds", "out"):
+        summary.pop(k, None)
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:
+        m.pop("seconds")
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.suffix in (".safetensors", ".json") and p.name != "summary.json"}
+    return {"summary": summary, "metrics": metrics, "files": files}
+
+
+def _spent(partial: Path) -> dict[str, int]:
+    """Steps each client's ledger says it has been charged for."""
+    out = {}
+    for f in (partial / "ledger").glob("client-*.json"):
+        rounds = json.loads(f.read_text())["rounds"]
+        latest = rounds[max(rounds, key=int)]["accountant"]["history"]
+        out[f.stem] = sum(n for _, _, n in latest)
+    return out
+
+
+@pytest.mark.parametrize("points", [
+    ["trained:0,1"],                      # before any checkpoint; ledgers of clients 0, 1 ahead
+    ["torn:2"],                           # the second checkpoint half-written: the first is used
+    ["checkpointed:1", "trained:2,0"],    # killed, resumed, killed again, resumed
+    ["export"],                           # all rounds checkpointed, no results yet
+])
+def test_sigkill_then_resume_equals_uninterrupted_run(points, tmp_path, overrides, reference):
+    out = tmp_path / "run"
+    partial = tmp_path / "run.partial"
+    _killed(tmp_path, points[0], ["run", "--out", str(out), *overrides])
+    for point in points[1:]:
+        _killed(tmp_path, point, ["run", "--resume", str(out)])
+    assert not out.exists() and partial.is_dir()
+    spent_at_kill = _spent(partial)
+    assert spent_at_kill, "clients had trained: their ledgers must be on disk"
+    assert main(["run", "--resume", str(out)]) == 0
+    assert not partial.exists() and not (out / "checkpoint.safetensors").exists()
+    got, want = outcome(out), outcome(reference)
+    assert got["metrics"] == want["metrics"]
+    assert got["summary"] == want["summary"]
+    assert got["files"].keys() == want["files"].keys()
+    for name in want["files"]:
+        assert got["files"][name] == want["files"][name], name
+    # ε never went down: what the ledgers had charged at the kill is still charged
+    assert all(_spent(out)[c] >= n for c, n in spent_at_kill.items())
+
+
+@pytest.mark.parametrize("method", ["fedsa", "fedex"])
+def test_resume_restores_personal_tensors_and_base_changes(method, tmp_path, overrides,
+                                                          monkeypatch):
+    """A crash in round 2 (personal B of FedSA-LoRA / FedEx-LoRA's base residual in play)."""
+    from fedlora.federation.client import LocalTrainer
+
+    args = [*overrides, f"method.name={method}"]
+    fedlora.run(None, tmp_path / "ref", overrides=args, progress=None)
+    train = LocalTrainer.train
+
+    def crashing(self, client, download, round):
+        reply = train(self, client, download, round)
+        if (round, client.cid) == (1, 1):
+            raise KeyboardInterrupt
+        return reply
+
+    monkeypatch.setattr(LocalTrainer, "train", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        fedlora.run(None, tmp_path / "run", overrides=args, progress=None)
+    monkeypatch.setattr(LocalTrainer, "train", train)
+    fedlora.run(resume=tmp_path / "run", progress=None)
+    got, want = outcome(tmp_path / "run"), outcome(tmp_path / "ref")
+    assert got == want
+    expect = "clients/0/adapter/adapter_model.safetensors" if method == "fedsa" \
+        else "base_delta.safetensors"
+    assert expect in got["files"]
+
+
+def test_replayed_round_with_another_download_is_refused(tiny_overrides, tmp_path):
+    """Retraining a recorded round on a different model would reuse its noise: refused."""
+    from fedlora.config import load_config
+    from fedlora.experiment import build_experiment
+    from fedlora.privacy.ledger import PrivacyLedger
+
+    exp = build_experiment(load_config(None, tiny_overrides))
+    client = exp.clients[0]
+    client.ledger = PrivacyLedger(tmp_path / "ledger.json")
+    glob = exp.method.init_global(exp.initial)
+    down = exp.method.download(glob, 0)
+    first = exp.trainer.train(client, down, 0)
+    spent = client.privacy.spent()
+    assert first.refused is None and client.ledger.entry(0) is not None
+    replay = exp.trainer.train(client, down, 0)  # the same download: same upload, no new charge
+    assert replay.refused is None and client.privacy.spent() == spent
+    assert all((replay.upload[k] == first.upload[k]).all() for k in first.upload)
+    other = {k: v + 1e-3 for k, v in down.items()}
+    refused = exp.trainer.train(client, other, 0)
+    assert refused.refused and "different global model" in refused.refused
+    assert client.privacy.spent() == spent
+    # the ledger on disk agrees with the client: a restarted client reads the same ε
+    assert PrivacyLedger(tmp_path / "ledger.json").latest == client.privacy.accountant.state_dict()
