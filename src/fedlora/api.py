@@ -78,6 +78,8 @@ def _resume_config(folder: RunFolder, config, overrides) -> tuple[Config, ckpt.C
                               f"({'; '.join(diff[:3])}) — resume without --config/overrides, "
                               "or start a new run with --out")
         saved = dataclasses.replace(saved, threads=asked.threads)
+    for ledger in sorted(folder.path("ledger").glob("client-*.json")):
+        PrivacyLedger(ledger)  # unreadable: refused now, before anything is touched
     path = folder.path(ckpt.FILENAME)
     return saved, (ckpt.load_checkpoint(path, saved) if path.exists() else None)
 
