@@ -187,7 +187,7 @@ def test_replayed_round_with_another_download_is_refused(tiny_overrides, tmp_pat
     assert all((replay.upload[k] == first.upload[k]).all() for k in first.upload)
     other = {k: v + 1e-3 for k, v in down.items()}
     refused = exp.trainer.train(client, other, 0)
-    assert refused.refused and "different global model" in refused.refused
+    assert refused.refused and "different model" in refused.refused
     assert client.privacy.spent() == spent
     # the ledger on disk agrees with the client: a restarted client reads the same ε
     assert PrivacyLedger(tmp_path / "ledger.json").latest == client.privacy.accountant.state_dict()

@@ -33,7 +33,8 @@ def run(config: Config | dict | str | Path | None = None, out: str | Path | None
 
     `resume=DIR` continues the interrupted run whose folder is `DIR.partial/` from its last
     checkpoint, with the config saved there (a `config`/`overrides` given as well must resolve
-    to the same config, `threads` aside). The result equals an uninterrupted run's.
+    to the same config; only an explicit `threads=` override may differ). The result equals an
+    uninterrupted run's.
     """
     say = progress or (lambda _: None)
     start = time.perf_counter()
@@ -77,7 +78,9 @@ def _resume_config(folder: RunFolder, config, overrides) -> tuple[Config, ckpt.C
             raise ConfigError(f"--resume: '{folder.partial}' was started with another config "
                               f"({'; '.join(diff[:3])}) — resume without --config/overrides, "
                               "or start a new run with --out")
-        saved = dataclasses.replace(saved, threads=asked.threads)
+        if any(o.strip().startswith("threads") for o in overrides or []):
+            # cores may change on resume; float sums can then differ in the last bits
+            saved = dataclasses.replace(saved, threads=asked.threads)
     for ledger in sorted(folder.path("ledger").glob("client-*.json")):
         PrivacyLedger(ledger)  # unreadable: refused now, before anything is touched
     path = folder.path(ckpt.FILENAME)

@@ -44,8 +44,7 @@ class CheckpointError(FedloraError):
 
 
 def config_digest(config: Config) -> str:
-    """SHA-256 of the resolved config, `threads` aside (a resumed run may use other cores:
-    results do not depend on it)."""
+    """SHA-256 of the resolved config, `threads` aside (a resumed run may be given other cores)."""
     import dataclasses
 
     return hashlib.sha256(config_to_toml(dataclasses.replace(config, threads=0)).encode()).hexdigest()

@@ -78,12 +78,14 @@ class LocalTrainer:
         privacy = client.privacy
         digest, seen = None, None
         if client.ledger is not None:
-            digest = state_digest(download)
+            # everything the round's result depends on besides the data and the seeds
+            digest = state_digest({**{f"download/{k}": v for k, v in download.items()},
+                                   **{f"personal/{k}": v for k, v in client.personal.items()}})
             seen = client.ledger.entry(round)
             if seen is not None and seen["digest"] != digest:
                 return self._refuse(client, f"client {client.cid} already trained round {round + 1} "
-                                            "on a different global model; retraining it with the "
-                                            "same noise would leak — it sits this round out")
+                                            "from a different model; retraining it with the same "
+                                            "noise would leak — it sits this round out")
         replay = seen is not None
         if not replay and not privacy.can_take(self.local_steps):
             return self._refuse(client, f"client {client.cid} has spent its privacy budget "

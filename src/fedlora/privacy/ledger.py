@@ -3,13 +3,15 @@
 A client writes its accountant state to its ledger *before* its update leaves (an atomic
 replace, fsync'd), so whatever the server later remembers, the client's ε is never lower than
 what it released. After a crash the server resumes from its last checkpoint and may ask a
-client to train a round again. The ledger also keeps, per round, a digest of the download the
-client trained on:
+client to train a round again. The ledger also keeps, per round, a digest of what the client
+started from (the download and its personal tensors):
 
 * same round, same digest — the client's computation is a deterministic function of its data,
-  the download and seeds derived from (seed, client, round), so the retrained upload is
+  that starting state and seeds derived from (seed, client, round), so the retrained upload is
   bit-for-bit the one already released and accounted for: releasing it again is
   post-processing and costs no ε. The round is *replayed* without charging the accountant.
+  (Bit-for-bit needs the same float arithmetic: same machine and thread count. Otherwise the
+  two uploads share their noise and differ only by rounding in the noiseless part.)
 * same round, different digest — retraining would reuse the same noise on a different model,
   and the difference of two such uploads is noise-free: the client refuses that round.
 
