@@ -99,8 +99,16 @@ def outcome(folder: Path) -> dict:
     for m in metrics:
         m.pop("seconds")
     files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.suffix in (".safetensors", ".json") and p.name != "summary.json"}
-    return {"summary": summary, "metrics": metrics, "files": files}
+             if p.is_file() and p.suffix in (".safetensors", ".json") and p.name != "summary.json"
+             and p.parent.name != "ledger"}
+    # a ledger's older entries are pruned at checkpoints; what it has spent is the latest entry
+    spent = {p.name: _latest(p) for p in sorted((folder / "ledger").glob("*.json"))}
+    return {"summary": summary, "metrics": metrics, "files": files, "ledgers": spent}
+
+
+def _latest(ledger: Path) -> dict:
+    rounds = json.loads(ledger.read_text())["rounds"]
+    return {"round": max(map(int, rounds)), **rounds[str(max(map(int, rounds)))]}
 
 
 def _spent(partial: Path) -> dict[str, int]:
@@ -136,6 +144,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(points, tmp_path, override
     assert got["files"].keys() == want["files"].keys()
     for name in want["files"]:
         assert got["files"][name] == want["files"][name], name
+    assert got["ledgers"] == want["ledgers"] and len(want["ledgers"]) == 3
     # ε never went down: what the ledgers had charged at the kill is still charged
     assert all(_spent(out)[c] >= n for c, n in spent_at_kill.items())
 
@@ -191,3 +200,17 @@ def test_replayed_round_with_another_download_is_refused(tiny_overrides, tmp_pat
     assert client.privacy.spent() == spent
     # the ledger on disk agrees with the client: a restarted client reads the same ε
     assert PrivacyLedger(tmp_path / "ledger.json").latest == client.privacy.accountant.state_dict()
+
+
+def test_ledger_forgets_checkpointed_rounds_but_never_what_was_spent(tmp_path):
+    from fedlora.privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger(tmp_path / "l.json")
+    for r in range(5):
+        ledger.record(r, f"d{r}", {"kind": "rdp", "history": [[1.0, 0.1, 2 * (r + 1)]]})
+    ledger.forget_before(3)
+    assert sorted(ledger.rounds) == [3, 4]
+    ledger.forget_before(10)  # past every entry: the latest stays, it is the spent ε
+    assert sorted(ledger.rounds) == [4] and ledger.latest["history"] == [[1.0, 0.1, 10]]
+    ledger.record(5, "d5", {"kind": "rdp", "history": [[1.0, 0.1, 12]]})
+    assert sorted(PrivacyLedger(tmp_path / "l.json").rounds) == [4, 5]

@@ -151,6 +151,8 @@ def _execute(exp: Experiment, folder: RunFolder, say, start: float,
 
     def save(state: FederationState) -> None:
         ckpt.save_checkpoint(folder.path(ckpt.FILENAME), config, state, exp.clients)
+        for client in exp.clients:
+            client.ledger.forget_before(len(state.history))
 
     run_rounds(exp.method, state, transport, plan, exp.evaluate, on_round,
                validator=validator, checkpoint=save)

@@ -63,6 +63,14 @@ class PrivacyLedger:
         """`{"digest", "accountant"}` of round `round` if this client trained it."""
         return self.rounds.get(round)
 
+    def forget_before(self, round: int) -> None:
+        """Drop entries of rounds before `round` (the server has checkpointed them: they will
+        never be replayed), keeping the latest, which is what the client has spent. Keeps the
+        ledger's size bounded by the checkpoint interval, not the run's length; the file
+        follows at the next `record`."""
+        latest = max(self.rounds, default=None)
+        self.rounds = {r: e for r, e in self.rounds.items() if r >= round or r == latest}
+
     def record(self, round: int, digest: str, accountant_state: dict) -> None:
         """Persist the accountant after round `round`: call before the upload leaves."""
         self.rounds[round] = {"digest": digest, "accountant": accountant_state}
