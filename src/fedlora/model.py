@@ -80,9 +80,10 @@ def load_classifier(path: str, num_labels: int, seed: int, pooling: str = "auto"
     """The pre-trained encoder with a fresh classification head, initialised from `seed`.
 
     `pooling`: "cls" — the model's own sequence-classification head (transformers'
-    `AutoModelForSequenceClassification`); "mean" — a linear head on the mean of the token states
-    (`fedlora.pooling.MeanPoolingClassifier`); "auto" — what the checkpoint's own pooling config
-    says (mean for sentence-transformer models such as the shipped one), else "cls".
+    `AutoModelForSequenceClassification`); "mean" / "mean_normalized" — a linear head on the
+    (L2-normalised) mean of the token states (`fedlora.pooling.MeanPoolingClassifier`); "auto" —
+    what the checkpoint's own sentence-transformers pipeline says (mean + normalise for the
+    shipped model), else "cls".
     """
     from transformers import AutoModel, AutoModelForSequenceClassification
 
@@ -92,11 +93,11 @@ def load_classifier(path: str, num_labels: int, seed: int, pooling: str = "auto"
     _check_config(path)
     mode = resolve_pooling(pooling, path)
     try:
-        if mode == "mean":
+        if mode.startswith("mean"):
             encoder = AutoModel.from_pretrained(path, dtype=torch.float32, add_pooling_layer=False) \
                 if _is_bert_like(path) else AutoModel.from_pretrained(path, dtype=torch.float32)
             torch.manual_seed(derive_seed(seed, "head"))
-            model = MeanPoolingClassifier(encoder, num_labels, path)
+            model = MeanPoolingClassifier(encoder, num_labels, path, normalize=mode == "mean_normalized")
         else:
             torch.manual_seed(derive_seed(seed, "head"))
             model = AutoModelForSequenceClassification.from_pretrained(

@@ -16,21 +16,23 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-POOLINGS = ("auto", "cls", "mean")
+POOLINGS = ("auto", "cls", "mean", "mean_normalized")
 
 
 def checkpoint_pooling(path: str) -> str:
-    """'mean' if the folder's sentence-transformers pooling config asks for mean pooling, else 'cls'."""
+    """The sentence-transformers pipeline in `modules.json`, if any: mean pooling, optionally
+    followed by L2 normalisation ('mean' / 'mean_normalized'); otherwise 'cls'."""
     folder = Path(path)
     try:
         modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
-        for module in modules:
-            if module.get("type", "").endswith("Pooling"):
-                pooling = json.loads((folder / module["path"] / "config.json").read_text(encoding="utf-8"))
-                return "mean" if pooling.get("pooling_mode_mean_tokens") else "cls"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    return "cls"
+        types = [m.get("type", "") for m in modules]
+        pooling_module = next(m for m in modules if m.get("type", "").endswith("Pooling"))
+        pooling = json.loads((folder / pooling_module["path"] / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StopIteration):
+        return "cls"
+    if not pooling.get("pooling_mode_mean_tokens"):
+        return "cls"
+    return "mean_normalized" if any(t.endswith("Normalize") for t in types) else "mean"
 
 
 def resolve_pooling(pooling: str, path: str) -> str:
@@ -38,15 +40,21 @@ def resolve_pooling(pooling: str, path: str) -> str:
 
 
 class MeanPoolingClassifier(nn.Module):
-    """logits = W·mean_t(h_t) + b over the non-padding token states h_t of the encoder.
+    """logits = W·e + b with e = mean_t(h_t) over the non-padding token states h_t of the encoder,
+    or e = mean_t(h_t)/‖mean_t(h_t)‖ when `normalize` (as sentence-transformers' Normalize does).
+
+    Unit-norm embeddings matter under DP: a head on raw states (norm ~5, with a large common
+    component) turns DP noise on W into a bias shift of every prediction.
 
     The head is named `classifier`, as in transformers' own classifiers, so PEFT trains and
     saves it as `modules_to_save`; `PeftModel.from_pretrained(load_classifier(...), adapter)`
     reloads it.
     """
 
-    def __init__(self, encoder: nn.Module, num_labels: int, name_or_path: str):
+    def __init__(self, encoder: nn.Module, num_labels: int, name_or_path: str,
+                 normalize: bool = False):
         super().__init__()
+        self.normalize = normalize
         self.encoder = encoder
         self.config = encoder.config
         self.name_or_path = name_or_path
@@ -63,6 +71,8 @@ class MeanPoolingClassifier(nn.Module):
                               token_type_ids=token_type_ids).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(states.dtype)
         pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        if self.normalize:
+            pooled = nn.functional.normalize(pooled, dim=-1)
         logits = self.classifier(self.dropout(pooled))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
