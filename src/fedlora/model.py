@@ -274,7 +274,7 @@ def apply_base_delta(model: nn.Module, path: str | Path) -> nn.Module:
     """W ← W + Δ for every tensor in `base_delta.safetensors`, on a plain (un-PEFTed) model.
 
     Load an exported run whose method changes base weights (FedEx-LoRA, FLoRA, full) with:
-    `apply_base_delta(AutoModelForSequenceClassification.from_pretrained(base, num_labels=k),
+    `apply_base_delta(load_classifier(base, num_labels=k, seed=0),
     run / "base_delta.safetensors")`, then `PeftModel.from_pretrained(that, run / "adapter")`.
     """
     from safetensors.torch import load_file
