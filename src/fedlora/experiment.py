@@ -118,7 +118,7 @@ def build_experiment(config: Config) -> Experiment:
     tokenizer = load_tokenizer(model_path)
     tokens = encode(tokenizer, dataset.texts, config.model.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model = attach_lora(load_classifier(model_path, dataset.num_labels, config.seed),
+    model = attach_lora(load_classifier(model_path, dataset.num_labels, config.seed, config.model.pooling),
                         config.method, config.seed)
     handle = AdapterHandle.of(model)
     initial = handle.state()
