@@ -172,6 +172,7 @@ RESUME = [  # (case, damage to the folder, extra CLI args, words)
     ("config.toml garbled", _config_garbled, [], ["config.toml", "cannot be resumed"]),
     ("ledger garbled", _ledger_garbled, [], ["privacy ledger", "client-0.json"]),
     ("another config", None, ["privacy.epsilon=8"], ["another config", "privacy.epsilon"]),
+    ("another config file", None, ["--config", "{defaults}"], ["another config", "data.text_column"]),
     ("with --out", None, ["--out", "elsewhere"], ["--resume", "--out"]),
 ]
 
@@ -183,9 +184,11 @@ def test_bad_resume_folder(case, damage, extra, words, interrupted, tmp_path, ca
     shutil.copytree(partial, work)
     if damage:
         damage(work)
-    before = _snapshot(tmp_path)
     monkeypatch.chdir(tmp_path)
-    args = [*overrides, *extra] if extra and extra[0] != "--out" else extra
+    defaults = tmp_path / "defaults.toml"
+    defaults.write_text("")  # a config file of all defaults: another model, data, rounds…
+    args = [a.format(defaults=defaults) for a in extra]
+    before = _snapshot(tmp_path)
     code, err = _cli(["run", "--resume", "run", *args], capsys)
     assert code == 2, err
     _one_clear_line(err, words)

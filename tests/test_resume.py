@@ -214,3 +214,26 @@ def test_ledger_forgets_checkpointed_rounds_but_never_what_was_spent(tmp_path):
     assert sorted(ledger.rounds) == [4] and ledger.latest["history"] == [[1.0, 0.1, 10]]
     ledger.record(5, "d5", {"kind": "rdp", "history": [[1.0, 0.1, 12]]})
     assert sorted(PrivacyLedger(tmp_path / "l.json").rounds) == [4, 5]
+
+
+def test_resume_may_change_threads_only(tmp_path, overrides, monkeypatch):
+    """`--resume DIR threads=2` applies on top of the saved config; anything else is refused."""
+    from fedlora.federation.client import LocalTrainer
+
+    train = LocalTrainer.train
+
+    def crashing(self, client, download, round):
+        if round == 1:
+            raise KeyboardInterrupt
+        return train(self, client, download, round)
+
+    monkeypatch.setattr(LocalTrainer, "train", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        fedlora.run(None, tmp_path / "run", overrides=overrides, progress=None)
+    monkeypatch.setattr(LocalTrainer, "train", train)
+    lines = []
+    summary = fedlora.run(resume=tmp_path / "run", overrides=["threads=2"], progress=lines.append)
+    assert summary["rounds"] == 3 and any("resuming after round 1 of 3" in x for x in lines)
+    import torch
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)

@@ -32,9 +32,9 @@ def run(config: Config | dict | str | Path | None = None, out: str | Path | None
     for the default job; `overrides` are `section.key=value` strings applied on top.
 
     `resume=DIR` continues the interrupted run whose folder is `DIR.partial/` from its last
-    checkpoint, with the config saved there (a `config`/`overrides` given as well must resolve
-    to the same config; only an explicit `threads=` override may differ). The result equals an
-    uninterrupted run's.
+    checkpoint, with the config saved there. A `config` given as well must resolve to the same
+    config, and `overrides` (applied on top of the saved config, or of `config`) may change only
+    `threads`. The result equals an uninterrupted run's.
     """
     say = progress or (lambda _: None)
     start = time.perf_counter()
@@ -67,24 +67,23 @@ def run(config: Config | dict | str | Path | None = None, out: str | Path | None
 def _resume_config(folder: RunFolder, config, overrides) -> tuple[Config, ckpt.Checkpoint | None]:
     """The interrupted run's config (checked against any config given) and its checkpoint."""
     try:
-        saved = load_config(folder.path("config.toml"))
+        stored = load_config(folder.path("config.toml"))
     except FedloraError as err:
         raise ckpt.CheckpointError(f"--resume: '{folder.partial}' holds no usable config.toml "
                                    f"({err}) — it cannot be resumed") from None
-    if config is not None or overrides:
-        asked = _resolve(config, overrides)
-        diff = _differences(saved, asked)
+    if config is not None or overrides:  # overrides alone apply on top of the stored config
+        asked = _resolve(dataclasses.asdict(stored) if config is None else config, overrides)
+        diff = _differences(stored, asked)
         if diff:
             raise ConfigError(f"--resume: '{folder.partial}' was started with another config "
                               f"({'; '.join(diff[:3])}) — resume without --config/overrides, "
                               "or start a new run with --out")
-        if any(o.strip().startswith("threads") for o in overrides or []):
-            # cores may change on resume; float sums can then differ in the last bits
-            saved = dataclasses.replace(saved, threads=asked.threads)
+        # only the cores may change (float sums may then differ in their last bits)
+        stored = dataclasses.replace(stored, threads=asked.threads)
     for ledger in sorted(folder.path("ledger").glob("client-*.json")):
         PrivacyLedger(ledger)  # unreadable: refused now, before anything is touched
     path = folder.path(ckpt.FILENAME)
-    return saved, (ckpt.load_checkpoint(path, saved) if path.exists() else None)
+    return stored, (ckpt.load_checkpoint(path, stored) if path.exists() else None)
 
 
 def _differences(a: Config, b: Config) -> list[str]:
