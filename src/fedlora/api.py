@@ -6,15 +6,18 @@ import copy
 import dataclasses
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from fedlora import report
 from fedlora.config import Config, apply_override, config_from_dict, config_to_toml, load_config
 from fedlora.experiment import Experiment, build_experiment, majority_accuracy, partition_report
-from fedlora.federation.server import FederationState, RoundPlan, run_rounds
+from fedlora.federation.client import Client
+from fedlora.federation.server import FederationState, RoundPlan, Transport, run_rounds
 from fedlora.federation.simulation import InProcessTransport
-from fedlora.model import count_parameters
+from fedlora.methods.base import GlobalState, Method, State
+from fedlora.model import AdapterHandle, count_parameters
 from fedlora.outputs import RunFolder, default_out_dir
 
 
@@ -60,61 +63,97 @@ def _resolve(config, overrides) -> Config:
 
 
 def _execute(exp: Experiment, folder: RunFolder, say, start: float) -> dict[str, Any]:
-    config = exp.config
-    folder.write_text("config.toml", config_to_toml(config))
     folder.write_json("partition.json", partition_report(exp))
-    f = config.federation
-    plan = RoundPlan(f.rounds, f.clients, f.clients_per_round, f.eval_every, config.seed)
-    state = FederationState(glob=exp.method.init_global(exp.initial))
+    server = ServerSide(exp.config, exp.method, exp.trainer.handle, exp.initial, exp.evaluate,
+                        majority_accuracy(exp))
     transport = InProcessTransport(exp.trainer, exp.clients)
+    return execute(server, transport, folder, say, start,
+                   lambda: [client_facts(c) for c in exp.clients])
+
+
+@dataclass
+class ServerSide:
+    """What the server holds: the method, the adapter every client starts from, the model it
+    evaluates on its own held-out data. Never any client's training data."""
+
+    config: Config
+    method: Method
+    handle: AdapterHandle
+    initial: State
+    evaluate: Callable[[GlobalState], dict[str, float]]
+    majority_accuracy: float | None = None
+
+
+def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, start: float,
+            facts: Callable[[], list[dict]]) -> dict[str, Any]:
+    """The round loop over any transport, writing the run folder as it goes.
+
+    `facts()` gives, per client id, what the summary reports about it: its DP noise
+    multiplier, sample rate, steps taken and number of examples (None where unknown).
+    """
+    config = server.config
+    folder.write_text("config.toml", config_to_toml(config))
+    f = config.federation
+    plan = RoundPlan(f.rounds, f.clients, f.clients_per_round, f.eval_every, config.seed,
+                     f.min_clients)
+    state = FederationState(glob=server.method.init_global(server.initial))
 
     def on_round(record: dict) -> None:
         folder.append_jsonl("metrics.jsonl", record)
         say(report.round_line(record, config))
 
-    run_rounds(exp.method, state, transport, plan, exp.evaluate, on_round)
-    export_adapter(exp, state, folder.path("adapter"))
-    summary = build_summary(exp, state, time.perf_counter() - start)
+    run_rounds(server.method, state, transport, plan, server.evaluate, on_round)
+    export_adapter(server.handle, server.initial, state, folder.path("adapter"))
+    summary = build_summary(server, state, facts(), time.perf_counter() - start)
     folder.write_json("summary.json", summary)
     return summary
 
 
-def export_adapter(exp: Experiment, state: FederationState, path: Path) -> None:
+def client_facts(client: Client) -> dict:
+    return {"noise_multiplier": client.privacy.noise_multiplier,
+            "sample_rate": client.privacy.sample_rate, "steps": client.steps,
+            "size": client.num_examples}
+
+
+def export_adapter(handle: AdapterHandle, initial: State, state: FederationState, path: Path) -> None:
     """The global adapter (LoRA A, B and the head) in PEFT's format, loadable with
     `PeftModel.from_pretrained(base, path)`."""
-    exp.trainer.handle.install({**exp.initial, **state.glob.adapter})
-    exp.model.save_pretrained(str(path))
+    handle.install({**initial, **state.glob.adapter})
+    handle.model.save_pretrained(str(path))
 
 
-def build_summary(exp: Experiment, state: FederationState, seconds: float) -> dict[str, Any]:
-    config, last = exp.config, (state.history[-1] if state.history else {})
+def build_summary(server: ServerSide, state: FederationState, facts: list[dict],
+                  seconds: float) -> dict[str, Any]:
+    config, last = server.config, (state.history[-1] if state.history else {})
     evaluated = [h for h in state.history if h.get("test_accuracy") is not None]
     final = evaluated[-1] if evaluated else {}
-    trained = {k: v for k, v in exp.initial.items() if exp.method.trainable(k, 0)}
+    trained = {k: v for k, v in server.initial.items() if server.method.trainable(k, 0)}
+    column = lambda key: [c.get(key) for c in facts]  # noqa: E731
     return {
         "method": config.method.name,
         "test_accuracy": final.get("test_accuracy"),
         "test_loss": final.get("test_loss"),
         "validation_accuracy": final.get("validation_accuracy"),
-        "majority_accuracy": majority_accuracy(exp),
+        "majority_accuracy": server.majority_accuracy,
         "epsilon": max(state.epsilon.values(), default=0.0),
         "epsilon_target": config.privacy.epsilon,
-        "epsilon_per_client": [state.epsilon.get(c.cid, 0.0) for c in exp.clients],
+        "epsilon_per_client": [state.epsilon.get(c, 0.0) for c in range(len(facts))],
         "delta": config.privacy.delta,
         "accountant": config.privacy.accountant,
         "clip": config.privacy.clip,
-        "noise_multiplier": [c.privacy.noise_multiplier for c in exp.clients],
-        "sample_rates": [c.privacy.sample_rate for c in exp.clients],
-        "steps": [c.steps for c in exp.clients],
-        "client_sizes": [c.num_examples for c in exp.clients],
+        "noise_multiplier": column("noise_multiplier"),
+        "sample_rates": column("sample_rate"),
+        "steps": column("steps"),
+        "client_sizes": column("size"),
         "rounds": len(state.history),
         "rounds_planned": config.federation.rounds,
         "clients": config.federation.clients,
         "bytes_uploaded": state.bytes_uploaded,
         "bytes_downloaded": state.bytes_downloaded,
         "trainable_parameters": count_parameters(trained),
-        "adapter_parameters": count_parameters(exp.initial),
+        "adapter_parameters": count_parameters(server.initial),
         "refused": {str(k): v for h in state.history for k, v in h.get("refused", {}).items()},
+        "failed": {str(k): v for h in state.history for k, v in h.get("failed", {}).items()},
         "seed": config.seed,
         "wall_seconds": round(seconds, 2),
         "private": not math.isinf(config.privacy.epsilon),

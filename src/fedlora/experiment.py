@@ -91,44 +91,72 @@ def load_data(config: Config) -> TextDataset:
     return dataset
 
 
-def build_experiment(config: Config) -> Experiment:
+@dataclass
+class Base:
+    """What every process of a run builds for itself: the frozen base model with LoRA attached
+    (A and the head drawn from the run's seed, so every process holds the identical initial
+    adapter), the tokenizer's padding id, and the method."""
+
+    model: torch.nn.Module
+    handle: AdapterHandle
+    initial: State
+    method: Method
+    tokenizer: object
+    pad_id: int
+    model_path: str
+
+    def encode(self, texts: list[str], config: Config) -> list[list[int]]:
+        return encode(self.tokenizer, texts, config.model.max_length)
+
+
+def build_base(config: Config, num_labels: int) -> Base:
     if config.threads:
         torch.set_num_threads(config.threads)
+    model_path = resolve_model_path(config.model.path)
+    tokenizer = load_tokenizer(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model = attach_lora(load_classifier(model_path, num_labels, config.seed), config.method, config.seed)
+    handle = AdapterHandle.of(model)
+    return Base(model, handle, handle.state(), get_method(config.method), tokenizer, pad_id, model_path)
+
+
+def build_trainer(config: Config, base: Base) -> LocalTrainer:
+    return LocalTrainer(base.model, base.method, config.train, config.federation.local_steps,
+                        base.pad_id, base.initial)
+
+
+def build_client(config: Config, cid: int, token_ids: list[list[int]], labels: list[int]) -> Client:
+    """One data owner with its DP plan: σ calibrated for every round it could take part in."""
+    f = config.federation
+    privacy = plan_client_privacy(config.privacy, len(labels), config.train.batch_size,
+                                  f.rounds * f.local_steps)
+    return Client(cid=cid, token_ids=token_ids, labels=labels, privacy=privacy, seed=config.seed)
+
+
+def build_evaluators(config: Config, base: Base, dataset: TextDataset, test: list[int],
+                     validation: list[int], tokens: dict[int, list[int]]) -> list[Evaluator]:
+    """Server-side evaluation on held-out examples (positions into `dataset`)."""
+    def make(idx: list[int], prefix: str) -> Evaluator:
+        return Evaluator(base.handle, base.initial, [tokens[i] for i in idx],
+                         [dataset.labels[i] for i in idx], base.pad_id,
+                         config.train.eval_batch_size, prefix)
+
+    return [make(test, "test")] + ([make(validation, "validation")] if validation else [])
+
+
+def build_experiment(config: Config) -> Experiment:
+    """The in-process simulation: the server side and every client, in one process."""
     dataset = load_data(config)
     split = split_data(dataset, config)
     _check_labels_seen(dataset, split)
-    model_path = resolve_model_path(config.model.path)
-    tokenizer = load_tokenizer(model_path)
-    tokens = encode(tokenizer, dataset.texts, config.model.max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model = attach_lora(load_classifier(model_path, dataset.num_labels, config.seed),
-                        config.method, config.seed)
-    handle = AdapterHandle.of(model)
-    initial = handle.state()
-    method = get_method(config.method)
-    trainer = LocalTrainer(model, method, config.train, config.federation.local_steps, pad_id, initial)
-    clients = _make_clients(config, dataset, split, tokens)
-    evaluators = [Evaluator(handle, initial, [tokens[i] for i in split.test],
-                            [dataset.labels[i] for i in split.test], pad_id,
-                            config.train.eval_batch_size, "test")]
-    if split.validation:
-        evaluators.append(Evaluator(handle, initial, [tokens[i] for i in split.validation],
-                                    [dataset.labels[i] for i in split.validation], pad_id,
-                                    config.train.eval_batch_size, "validation"))
-    return Experiment(config, dataset, split, method, model, initial, trainer, clients,
-                      evaluators, model_path)
-
-
-def _make_clients(config: Config, dataset: TextDataset, split: Split, tokens) -> list[Client]:
-    f = config.federation
-    planned = f.rounds * f.local_steps  # every round a client could take part in
-    clients = []
-    for cid, part in enumerate(split.clients):
-        privacy = plan_client_privacy(config.privacy, len(part), config.train.batch_size, planned)
-        clients.append(Client(cid=cid, token_ids=[tokens[i] for i in part],
-                              labels=[dataset.labels[i] for i in part], privacy=privacy,
-                              seed=config.seed))
-    return clients
+    base = build_base(config, dataset.num_labels)
+    tokens = dict(enumerate(base.encode(dataset.texts, config)))
+    trainer = build_trainer(config, base)
+    clients = [build_client(config, cid, [tokens[i] for i in part], [dataset.labels[i] for i in part])
+               for cid, part in enumerate(split.clients)]
+    evaluators = build_evaluators(config, base, dataset, split.test, split.validation, tokens)
+    return Experiment(config, dataset, split, base.method, base.model, base.initial, trainer,
+                      clients, evaluators, base.model_path)
 
 
 def _check_labels_seen(dataset: TextDataset, split: Split) -> None:

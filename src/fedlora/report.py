@@ -53,6 +53,8 @@ def round_line(record: dict[str, Any], config: Config) -> str:
         scores += f" · val acc {record['validation_accuracy']:.3f}"
     eps = f"ε {_eps(record['epsilon'])}/{_eps(config.privacy.epsilon)}" if config.private else "ε ∞"
     refused = f" · refused: {sorted(record['refused'])}" if record.get("refused") else ""
+    if record.get("failed"):
+        refused += f" · no answer from: {sorted(record['failed'])}"
     return (f"round {record['round']:3d}/{config.federation.rounds} · {scores} · {eps} · "
             f"up {_bytes(record['bytes_uploaded'])} · {record['seconds']:.1f} s{refused}")
 
@@ -61,13 +63,14 @@ def summary_table(s: dict[str, Any]) -> str:
     rows = [
         ("method", s["method"]),
         ("test accuracy", f"{s['test_accuracy']:.4f}" if s["test_accuracy"] is not None else "-"),
-        ("majority-class accuracy", f"{s['majority_accuracy']:.4f}"),
+        ("majority-class accuracy",
+         f"{s['majority_accuracy']:.4f}" if s.get("majority_accuracy") is not None else "-"),
         ("ε spent (max over clients)", f"{_eps(s['epsilon'])} (target {_eps(s['epsilon_target'])}, "
                                         f"δ={s['delta']:g}, {s['accountant']})"),
         ("ε per client", ", ".join(_eps(e) for e in s["epsilon_per_client"])),
-        ("noise multiplier σ", ", ".join(f"{x:.3f}" for x in s["noise_multiplier"])),
+        ("noise multiplier σ", ", ".join("-" if x is None else f"{x:.3f}" for x in s["noise_multiplier"])),
         ("rounds", f"{s['rounds']}/{s['rounds_planned']}"),
-        ("steps per client", ", ".join(map(str, s["steps"]))),
+        ("steps per client", ", ".join("-" if x is None else str(x) for x in s["steps"])),
         ("trainable parameters", f"{s['trainable_parameters']:,}"),
         ("bytes uploaded / downloaded", f"{_bytes(s['bytes_uploaded'])} / {_bytes(s['bytes_downloaded'])}"),
         ("wall time", f"{s['wall_seconds']:.1f} s"),

@@ -13,6 +13,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from fedlora.errors import FederationError
 from fedlora.federation.client import ClientReply
 from fedlora.methods.base import GlobalState, Method, State, Update
 from fedlora.seeding import derive_seed
@@ -20,11 +21,13 @@ from fedlora.seeding import derive_seed
 
 @dataclass
 class Exchange:
-    """What one round's traffic returned: the replies and the bytes that crossed the wire."""
+    """What one round's traffic returned: the replies, the bytes that crossed the wire, and the
+    selected clients that never answered (client → why: failed, disconnected, timed out)."""
 
     replies: list[ClientReply]
     bytes_downloaded: int
     bytes_uploaded: int
+    failed: dict[int, str] = field(default_factory=dict)
 
 
 class Transport(Protocol):
@@ -39,6 +42,7 @@ class RoundPlan:
     clients_per_round: int  # 0 = all
     eval_every: int
     seed: int
+    min_clients: int = 1
 
 
 @dataclass
@@ -73,6 +77,11 @@ def run_rounds(method: Method, state: FederationState, transport: Transport, pla
         selected = select_clients(plan, r)
         downloads = {c: method.download(state.glob, c) for c in selected}
         exchange = transport.exchange(r, downloads)
+        if len(exchange.replies) < plan.min_clients:
+            raise FederationError(
+                f"round {r + 1}: only {len(exchange.replies)} of {len(selected)} clients answered "
+                f"({_failures(exchange)}), fewer than federation.min_clients={plan.min_clients} — "
+                "restart the missing sites, or lower federation.min_clients")
         accepted = [rep for rep in exchange.replies if rep.refused is None]
         updates = [Update(rep.client, rep.upload, rep.num_examples) for rep in accepted]
         state.glob = method.aggregate(state.glob, updates, r)
@@ -103,10 +112,15 @@ def _record(r, selected, exchange, accepted, state, scores, seconds) -> dict:
         "epsilon_per_client": [state.epsilon.get(c, 0.0) for c in range(_n(state))],
         "clients": selected,
         "refused": {rep.client: rep.refused for rep in exchange.replies if rep.refused},
+        "failed": dict(exchange.failed),
         "bytes_uploaded": exchange.bytes_uploaded,
         "bytes_downloaded": exchange.bytes_downloaded,
         "seconds": round(seconds, 3),
     }
+
+
+def _failures(exchange: Exchange) -> str:
+    return "; ".join(f"client {c}: {why}" for c, why in sorted(exchange.failed.items())) or "no reason given"
 
 
 def _n(state: FederationState) -> int:
