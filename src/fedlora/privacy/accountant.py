@@ -1,0 +1,415 @@
+"""Privacy accounting for DP-SGD: Poisson-subsampled Gaussian steps, composed over all rounds.
+
+All the math is Opacus's: Rényi DP (kind "rdp", the default) and the PRV accountant
+(kind "prv": numerical composition of privacy-loss random variables, tighter). We call the
+functions `RDPAccountant` and `PRVAccountant.get_epsilon` are made of (`compute_rdp`,
+`get_privacy_spent`; `PoissonSubsampledGaussianPRV`, `discretize`, `compose_heterogeneous`)
+rather than the classes, for one reason: speed. RDP of one step at each order depends only
+on (σ, q), a client keeps the same (σ, q) for all its steps, and RDP composes by addition,
+so that curve is computed once and cached; the classes recompute it on every call (PRV's
+grid sizing alone computes it twice more), which made one PRV ε take ~1 s and calibration
+~10 s. `tests/test_accountant.py` checks both kinds equal the Opacus classes' numbers.
+
+On top: input checks (`ConfigError`), a compact JSON-friendly history, caching, and:
+
+* RDP orders: Opacus's default orders (1.1 … 63) plus 128, 256, 512, 1024, the orders
+  `dp_accounting` uses too. Larger orders make small ε reachable (at δ=1e-5 the default
+  orders cannot certify ε below ≈ 0.1 however much noise is added).
+* PRV robustness: Opacus's PRV accountant discretises the privacy loss on a grid whose size
+  grows with the number of steps and with ε (it took minutes for 10⁵ steps, and forever for
+  tiny σ), it raises for some settings (σ = 0, very small δ, "Cannot compute epsilon"), and
+  its safe-domain computation is only trusted for `eps_error < 1`; for grids wider than
+  t ≈ 709 its exp(t) overflows and it silently returns ε ≈ 709.8 whatever the truth.
+  `epsilon` therefore (1) widens `eps_error` beyond 0.01 only as much as needed to keep
+  the grid at most `_PRV_MAX_POINTS` points, (2) falls back to the RDP bound when that would
+  need `eps_error > 0.5`, when the grid's half-width exceeds 700, when numpy reports an
+  overflow/NaN, or when Opacus raises, and (3) returns min(PRV bound, RDP bound) — both are
+  valid upper bounds on ε, so the minimum is too. ε is never under-reported.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import warnings
+from typing import Any
+
+import numpy as np
+
+from opacus.accountants import RDPAccountant, register_accountant
+from opacus.accountants.analysis.prv import (
+    Domain,
+    PoissonSubsampledGaussianPRV,
+    TruncatedPrivacyRandomVariable,
+    compose_heterogeneous,
+    discretize,
+)
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedlora.errors import ConfigError
+
+KINDS = ("rdp", "prv")
+
+_OPACUS_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
+#: RDP orders: Opacus's defaults plus the large orders dp_accounting also uses.
+RDP_ORDERS: tuple[float, ...] = _OPACUS_ORDERS + (128, 256, 512, 1024)
+
+_PRV_EPS_ERROR = 0.01  # Opacus's default; the PRV bound is at most this much above the truth.
+_PRV_MAX_EPS_ERROR = 0.5  # Opacus's domain-size heuristic is only trusted for eps_error < 1.
+_PRV_MAX_POINTS = 1_000_000  # grid points (≈1 s of FFT on a laptop core)
+_PRV_MAX_HALF_WIDTH = 700.0  # Opacus evaluates exp(±t) on the grid: overflows past t ≈ 709
+_CALIBRATION_TOLERANCE = 0.01  # ε tolerance of the σ search: min(0.01, 0.5 % of ε)
+_CALIBRATION_MAX_EVALUATIONS = 200
+
+History = tuple[tuple[float, float, int], ...]  # (noise_multiplier, sample_rate, steps)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _real(x: Any) -> float:
+    """`x` as a float if it is a real number (not a bool), else NaN (which fails every check)."""
+    if isinstance(x, numbers.Real) and not isinstance(x, bool):
+        return float(x)
+    return math.nan
+
+
+def _check_delta(delta: float) -> float:
+    if not 0.0 < _real(delta) < 1.0:
+        raise ConfigError(f"delta must be in (0, 1), got {delta!r}")
+    return _real(delta)
+
+
+def _check_sample_rate(sample_rate: float) -> float:
+    if not 0.0 < _real(sample_rate) <= 1.0:
+        raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    return _real(sample_rate)
+
+
+def _check_noise(noise_multiplier: float) -> float:
+    if not 0.0 <= _real(noise_multiplier) < math.inf:
+        raise ConfigError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
+    return _real(noise_multiplier)
+
+
+def _check_steps(steps: int, minimum: int) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < minimum:
+        raise ConfigError(f"steps must be an integer >= {minimum}, got {steps!r}")
+    return int(steps)
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ConfigError(f"unknown privacy accountant {kind!r}; valid kinds: {', '.join(KINDS)}")
+    return kind
+
+
+# --------------------------------------------------------------------------- epsilon
+
+
+def _append(history: History, noise_multiplier: float, sample_rate: float, steps: int) -> History:
+    """History with `steps` more steps at (σ, q), merged into the last entry if it matches."""
+    if steps == 0:
+        return history
+    if history and history[-1][0] == noise_multiplier and history[-1][1] == sample_rate:
+        sigma, q, n = history[-1]
+        return history[:-1] + ((sigma, q, n + steps),)
+    return history + ((noise_multiplier, sample_rate, steps),)
+
+
+@functools.lru_cache(maxsize=1024)
+def _rdp_curve(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """RDP of one step at every order in `RDP_ORDERS` (Opacus's `compute_rdp`).
+
+    RDP composes by addition and does not depend on δ, so this is all the RDP work there is
+    for a history: a client keeps the same (σ, q), and the curve is computed once.
+    """
+    return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                  orders=list(RDP_ORDERS)), dtype=float)
+
+
+def _rdp_to_epsilon(rdp: np.ndarray, orders: tuple[float, ...], delta: float) -> float:
+    """Opacus's RDP → (ε, δ) conversion (`get_privacy_spent`), minimised over `orders`."""
+    with warnings.catch_warnings():  # "Optimal order is the largest alpha": harmless, noisy
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        eps, _ = get_privacy_spent(orders=list(orders), rdp=rdp[: len(orders)], delta=delta)
+    return float(eps)
+
+
+def _history_rdp(history: History) -> np.ndarray:
+    return sum(n * _rdp_curve(sigma, q) for sigma, q, n in history)
+
+
+def _rdp_epsilon(history: History, delta: float) -> float:
+    """ε at δ by RDP over `RDP_ORDERS`: exactly `RDPAccountant.get_epsilon(delta, alphas=...)`."""
+    return _rdp_to_epsilon(_history_rdp(history), RDP_ORDERS, delta)
+
+
+def _prv_half_width(history: History, eps_error: float, delta_error: float) -> float:
+    """Opacus's `compute_safe_domain_size` (an RDP bound over Opacus's default orders), from
+    the cached RDP curves instead of three fresh RDP computations."""
+    total = sum(n for _, _, n in history)
+    width = _rdp_to_epsilon(_history_rdp(history), _OPACUS_ORDERS, delta_error / 4)
+    for sigma, q, _ in history:
+        width = max(width, _rdp_to_epsilon(_rdp_curve(sigma, q), _OPACUS_ORDERS,
+                                           delta_error / (8 * total)))
+    return max(width, eps_error) + 3
+
+
+def _prv_mesh(history: History, eps_error: float, delta_error: float) -> float:
+    """Opacus's grid spacing: eps_error / sqrt(T·log(12/δ_err)/2), T = total steps."""
+    total = sum(n for _, _, n in history)
+    return eps_error / math.sqrt(total * math.log(12 / delta_error) / 2)
+
+
+def _prv_eps_error(history: History, delta_error: float) -> float | None:
+    """The smallest eps_error ≥ 0.01 whose PRV grid has ≤ `_PRV_MAX_POINTS` points, or None
+    (the grid would need eps_error > 0.5, or reach past t = 700 where exp(t) overflows)."""
+    half_width = _prv_half_width(history, _PRV_MAX_EPS_ERROR, delta_error)  # an upper bound
+    if not half_width < _PRV_MAX_HALF_WIDTH:
+        return None
+    points_at_unit_error = 2 * half_width / _prv_mesh(history, 1.0, delta_error)
+    eps_error = max(_PRV_EPS_ERROR, points_at_unit_error / _PRV_MAX_POINTS)
+    return eps_error if eps_error <= _PRV_MAX_EPS_ERROR else None
+
+
+def _prv_upper_bound(history: History, delta: float, eps_error: float, delta_error: float) -> float:
+    """Opacus's PRV accountant, step by step as `PRVAccountant.get_epsilon` (Opacus 1.6) does
+    it — discretise each (σ, q) PRV on a common grid, FFT-compose, read off ε's upper bound —
+    but with the grid's half-width from the cached RDP curves (`_prv_half_width`)."""
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
+    counts = [n for _, _, n in history]
+    half_width = _prv_half_width(history, eps_error, delta_error)
+    domain = Domain.create_aligned(-half_width, half_width, _prv_mesh(history, eps_error, delta_error))
+    dprvs = [discretize(TruncatedPrivacyRandomVariable(prv, domain.t_min, domain.t_max), domain)
+             for prv in prvs]
+    composed = compose_heterogeneous(dprvs=dprvs, num_self_compositions=counts)
+    _, _, eps_upper = composed.compute_epsilon(delta, delta_error, eps_error)
+    return float(eps_upper)
+
+
+def _prv_epsilon(history: History, delta: float) -> float:
+    """min(PRV upper bound, RDP bound); the RDP bound alone where PRV is impractical."""
+    rdp = _rdp_epsilon(history, delta)
+    if not rdp > _PRV_EPS_ERROR:  # inf, or so small that PRV's +eps_error cannot beat it
+        return rdp
+    delta_error = delta / 1000  # Opacus's default
+    try:
+        eps_error = _prv_eps_error(history, delta_error)
+        if eps_error is None:
+            return rdp
+        # Overflow / NaN inside Opacus's PRV code means its number is garbage (it reported
+        # ε = 709.8, i.e. log(max float), where the truth was > 1000): use RDP instead.
+        with np.errstate(over="raise", invalid="raise", divide="ignore"):
+            prv = _prv_upper_bound(history, delta, eps_error, delta_error)
+    except (ValueError, RuntimeError, OverflowError, FloatingPointError, MemoryError):
+        return rdp
+    return max(0.0, min(prv, rdp)) if math.isfinite(prv) else rdp
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(kind: str, history: History, delta: float) -> float:
+    """ε at δ after the steps in `history` (validated inputs; cached: PRV takes ~0.1–1 s)."""
+    if not history:
+        return 0.0
+    if any(sigma == 0.0 for sigma, _, _ in history):
+        return math.inf
+    return _rdp_epsilon(history, delta) if kind == "rdp" else _prv_epsilon(history, delta)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+class _CalibrationStalled(Exception):
+    pass
+
+
+class _Unreachable(Exception):
+    pass
+
+
+class _Probe:
+    """Watches get_noise_multiplier's ε evaluations (it calls the accountant for each σ).
+
+    * Remembers the smallest σ seen with ε ≤ target.
+    * Opacus first doubles σ from 20 until ε ≤ target, up to σ = 1e6. Near the smallest ε the
+      conversion can certify, ε(σ) flattens out (≈ floor + c/σ²), and each evaluation at
+      huge σ is slow (seconds: RDP's series at fractional orders): when doubling σ lowers ε
+      by less than 0.5 % while ε is still above target, the target is declared unreachable.
+    * Opacus's bisection then loops until ε is within the tolerance of the target; if ε(σ)
+      ever jumped across the target by more than that (possible for PRV's grid), it would
+      loop forever: the probe stops it after `_CALIBRATION_MAX_EVALUATIONS` evaluations.
+    """
+
+    def __init__(self, kind: str, target: float):
+        self.kind, self.target = kind, target
+        self.calls, self.best_sigma = 0, math.inf
+        self.last: tuple[float, float] | None = None  # (σ, ε) of the previous evaluation
+
+    def __call__(self, history: list, delta: float) -> float:
+        self.calls += 1
+        if self.calls > _CALIBRATION_MAX_EVALUATIONS:
+            raise _CalibrationStalled
+        hist = tuple((float(s), float(q), int(n)) for s, q, n in history)
+        eps = _epsilon(self.kind, hist, delta)
+        sigma = hist[0][0]
+        if eps <= self.target:
+            self.best_sigma = min(self.best_sigma, sigma)
+        elif self.last is not None and sigma == 2 * self.last[0] and eps > 0.995 * self.last[1]:
+            raise _Unreachable
+        self.last = (sigma, eps)
+        return eps
+
+
+class _ProbedAccountant(RDPAccountant):
+    """An Opacus accountant whose get_epsilon is `_epsilon` (via a `_Probe`), for get_noise_multiplier."""
+
+    def get_epsilon(self, delta: float, probe: _Probe | None = None, **kwargs: Any) -> float:  # type: ignore[override]
+        return probe(self.history, delta)
+
+    @classmethod
+    def mechanism(cls) -> str:
+        return "fedlora"
+
+
+register_accountant("fedlora", _ProbedAccountant, force=True)
+
+
+@functools.lru_cache(maxsize=256)
+def calibrate_noise(
+    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+) -> float:
+    """The smallest noise multiplier σ (up to an ε tolerance of min(0.01, ε/200)) such that `steps`
+    Poisson-subsampled Gaussian steps at `sample_rate` give ε ≤ `epsilon` at `delta`.
+
+    Opacus's `get_noise_multiplier` bisects on σ; the result is then re-checked with a fresh
+    computation and σ raised by 0.1 % steps until ε ≤ epsilon (never under-reports).
+    `epsilon = inf` means no privacy: σ = 0. Cached (PRV calibration takes seconds).
+    """
+    _check_kind(accountant)
+    if not _real(epsilon) > 0:
+        raise ConfigError(f"epsilon must be > 0 (or inf for no privacy), got {epsilon!r}")
+    delta = _check_delta(delta)
+    sample_rate = _check_sample_rate(sample_rate)
+    steps = _check_steps(steps, minimum=1)
+    if math.isinf(epsilon):
+        return 0.0
+    epsilon = _real(epsilon)
+    if epsilon <= _rdp_floor(delta):  # for PRV too: its bound is ≥ ~eps_error = 0.01 anyway
+        raise _unreachable(epsilon, delta, sample_rate, steps)
+    probe = _Probe(accountant, epsilon)
+    try:
+        sigma = get_noise_multiplier(
+            target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+            accountant="fedlora", probe=probe,
+            epsilon_tolerance=min(_CALIBRATION_TOLERANCE, 0.005 * epsilon),
+        )
+    except _CalibrationStalled:
+        sigma = probe.best_sigma
+    except _Unreachable:
+        raise _unreachable(epsilon, delta, sample_rate, steps) from None
+    except ValueError as e:  # "The privacy budget is too low." (σ would exceed 1e6)
+        raise _unreachable(epsilon, delta, sample_rate, steps) from e
+    return _verified(float(sigma), epsilon, delta, sample_rate, steps, accountant)
+
+
+def _rdp_floor(delta: float) -> float:
+    """The smallest ε the RDP conversion can certify at δ with any σ (RDP = 0 at every order)."""
+    return min(-(math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a) for a in RDP_ORDERS)
+
+
+def _unreachable(epsilon: float, delta: float, q: float, steps: int) -> ConfigError:
+    return ConfigError(
+        f"epsilon={epsilon:g} at delta={delta:g} cannot be reached with {steps} steps at sample "
+        f"rate {q:g} with any noise multiplier; raise epsilon or delta, take fewer "
+        "steps, or lower the sample rate"
+    )
+
+
+def _verified(sigma: float, epsilon: float, delta: float, q: float, steps: int, kind: str) -> float:
+    """Raise σ by 0.1 % steps until a fresh ε computation gives ε ≤ epsilon."""
+    for _ in range(1000):
+        if math.isfinite(sigma) and _epsilon(kind, ((sigma, q, steps),), delta) <= epsilon:
+            return sigma
+        sigma *= 1.001
+    raise RuntimeError(f"noise calibration failed for ε={epsilon}, δ={delta}, q={q}, steps={steps}")
+
+
+# --------------------------------------------------------------------------- accountant
+
+
+class PrivacyAccountant:
+    """One client's privacy ledger over all its DP-SGD steps, in all rounds.
+
+    Each step is a Poisson-subsampled Gaussian mechanism with noise multiplier σ and sample
+    rate q; ε(δ) is their composition, computed by Opacus's RDP or PRV accountant
+    (`kind`). The history is kept compact: consecutive steps with equal (σ, q) are merged
+    into one `(σ, q, steps)` entry, as Opacus does.
+    """
+
+    def __init__(self, kind: str = "rdp"):
+        self._kind = _check_kind(kind)
+        self._history: History = ()
+
+    @property
+    def kind(self) -> str:
+        return self._kind
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """`[(noise_multiplier, sample_rate, steps), ...]` in the order taken."""
+        return list(self._history)
+
+    @property
+    def steps_taken(self) -> int:
+        return sum(n for _, _, n in self._history)
+
+    def step(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        """Record `steps` (≥ 0) steps with noise multiplier σ at sample rate q."""
+        self._history = _append(
+            self._history, _check_noise(noise_multiplier), _check_sample_rate(sample_rate),
+            _check_steps(steps, minimum=0),
+        )
+
+    def epsilon(self, delta: float) -> float:
+        """ε at δ spent so far: 0.0 with no steps, inf if any step had σ = 0.
+
+        For kind "prv": min(PRV bound, RDP bound), the RDP bound alone where Opacus's PRV
+        accountant fails or would need too fine a grid (see the module docstring).
+        """
+        return _epsilon(self._kind, self._history, _check_delta(delta))
+
+    def epsilon_after(self, *, noise_multiplier: float, sample_rate: float, steps: int,
+                      delta: float) -> float:
+        """ε at δ if `steps` more steps at (σ, q) were taken. Does not change the accountant."""
+        history = _append(
+            self._history, _check_noise(noise_multiplier), _check_sample_rate(sample_rate),
+            _check_steps(steps, minimum=0),
+        )
+        return _epsilon(self._kind, history, _check_delta(delta))
+
+    def state_dict(self) -> dict:
+        """`{"kind": ..., "history": [[σ, q, steps], ...]}`: plain JSON-serialisable values."""
+        return {"kind": self._kind, "history": [[s, q, n] for s, q, n in self._history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()`; continuing afterwards matches one continuous accountant."""
+        if not isinstance(state, dict) or "kind" not in state or "history" not in state:
+            raise ConfigError("accountant state must be a dict with keys 'kind' and 'history'")
+        if state["kind"] != self._kind:
+            raise ConfigError(
+                f"accountant state is of kind {state['kind']!r}, this accountant is {self._kind!r}"
+            )
+        history: History = ()
+        for entry in state["history"]:
+            if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+                raise ConfigError(f"bad accountant history entry {entry!r}: want [sigma, q, steps]")
+            sigma, q, n = entry
+            history = _append(history, _check_noise(sigma), _check_sample_rate(q),
+                              _check_steps(n, minimum=1))
+        self._history = history
+
+    def __repr__(self) -> str:
+        return f"PrivacyAccountant(kind={self._kind!r}, steps_taken={self.steps_taken})"
