@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved config as TOML")
     show.add_argument("--config")
     show.add_argument("overrides", nargs="*", metavar="section.key=value")
+    from fedlora.federation.flower.cli import add_parser as add_flower
+
+    add_flower(sub)
     return parser
 
 
@@ -44,6 +47,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         for name in available_methods():
             print(f"{name:10s} {method_class(name).__doc__.strip().splitlines()[0]}")
         return 0
+    if args.command == "flower":
+        from fedlora.federation.flower.cli import dispatch
+
+        return dispatch(args)
     from fedlora.config import config_to_toml, load_config
 
     config = load_config(args.config, args.overrides)

@@ -1,6 +1,6 @@
 """A deployment made easy: the app folder `flwr run` takes, and the SuperLink / SuperNode commands.
 
-    fedlora flower superlink [--port 9092] [--tls DIR | --insecure] [--auth]
+    fedlora flower superlink [--port 8000] [--tls DIR | --insecure] [--auth]
     fedlora flower supernode --superlink HOST:PORT --port 9101 (--partition K/N | --data-path F
                              --client-id K) [--root-certificates ca.pem --auth-key key | --insecure]
     fedlora flower app DIR --config job.toml --out runs/x [section.key=value ...]
