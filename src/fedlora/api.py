@@ -8,7 +8,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from fedlora import report
 from fedlora.config import Config, apply_override, config_from_dict, config_to_toml, load_config
@@ -17,7 +17,7 @@ from fedlora.federation.client import Client
 from fedlora.federation.server import FederationState, RoundPlan, Transport, run_rounds
 from fedlora.federation.simulation import InProcessTransport
 from fedlora.methods.base import GlobalState, Method, State
-from fedlora.model import AdapterHandle, count_parameters
+from fedlora.model import AdapterHandle, count_parameters, save_base_delta
 from fedlora.outputs import RunFolder, default_out_dir
 
 
@@ -68,7 +68,7 @@ def _execute(exp: Experiment, folder: RunFolder, say, start: float) -> dict[str,
                         majority_accuracy(exp))
     transport = InProcessTransport(exp.trainer, exp.clients)
     return execute(server, transport, folder, say, start,
-                   lambda: [client_facts(c) for c in exp.clients])
+                   lambda: [client_facts(c) for c in exp.clients], exp.clients)
 
 
 @dataclass
@@ -85,11 +85,12 @@ class ServerSide:
 
 
 def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, start: float,
-            facts: Callable[[], list[dict]]) -> dict[str, Any]:
+            facts: Callable[[], list[dict]], clients: Sequence[Client] = ()) -> dict[str, Any]:
     """The round loop over any transport, writing the run folder as it goes.
 
     `facts()` gives, per client id, what the summary reports about it: its DP noise
     multiplier, sample rate, steps taken and number of examples (None where unknown).
+    `clients` are the clients this process holds (the simulation's), for personal exports.
     """
     config = server.config
     folder.write_text("config.toml", config_to_toml(config))
@@ -103,7 +104,7 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
         say(report.round_line(record, config))
 
     run_rounds(server.method, state, transport, plan, server.evaluate, on_round)
-    export_adapter(server.handle, server.initial, state, folder.path("adapter"))
+    export_adapter(server, state, folder.path("adapter"), clients)
     summary = build_summary(server, state, facts(), time.perf_counter() - start)
     folder.write_json("summary.json", summary)
     return summary
@@ -115,11 +116,30 @@ def client_facts(client: Client) -> dict:
             "size": client.num_examples}
 
 
-def export_adapter(handle: AdapterHandle, initial: State, state: FederationState, path: Path) -> None:
+def export_adapter(server: ServerSide, state: FederationState, path: Path,
+                   clients: Sequence[Client] = ()) -> None:
     """The global adapter (LoRA A, B and the head) in PEFT's format, loadable with
-    `PeftModel.from_pretrained(base, path)`."""
-    handle.install({**initial, **state.glob.adapter})
+    `PeftModel.from_pretrained(base, path)`.
+
+    Methods that change base weights (FedEx-LoRA, FLoRA, full) also write
+    `base_delta.safetensors` next to `adapter/`: Δ keyed by the plain model's parameter names,
+    to add to the base before loading the adapter (`fedlora.model.apply_base_delta`).
+    Personalised methods also write each client's own adapter to `clients/<k>/adapter`, for
+    the clients this process holds (all of them in simulation; none on a Flower server, where
+    personal tensors never leave their sites).
+    """
+    glob, method = state.glob, server.method
+    handle = server.handle
+    handle.install({**server.initial, **glob.tensors()})
     handle.model.save_pretrained(str(path))
+    if glob.base_delta:
+        save_base_delta(glob.base_delta, path.parent / "base_delta.safetensors")
+    if method.personalised:
+        for client in clients:
+            handle.install(method.client_state(
+                server.initial, client.personal, method.download(glob, client.cid), client.cid))
+            handle.model.save_pretrained(str(path.parent / "clients" / str(client.cid) / "adapter"))
+    handle.install({**server.initial, **glob.tensors()})
 
 
 def build_summary(server: ServerSide, state: FederationState, facts: list[dict],
@@ -127,12 +147,14 @@ def build_summary(server: ServerSide, state: FederationState, facts: list[dict],
     config, last = server.config, (state.history[-1] if state.history else {})
     evaluated = [h for h in state.history if h.get("test_accuracy") is not None]
     final = evaluated[-1] if evaluated else {}
-    trained = {k: v for k, v in server.initial.items() if server.method.trainable(k, 0)}
+    shapes = server.handle.shapes()
+    trained = sum(math.prod(s) for k, s in shapes.items() if server.method.trainable(k, 0))
     column = lambda key: [c.get(key) for c in facts]  # noqa: E731
     return {
         "method": config.method.name,
         "test_accuracy": final.get("test_accuracy"),
         "test_loss": final.get("test_loss"),
+        "test_accuracy_per_client": final.get("test_accuracy_per_client"),
         "validation_accuracy": final.get("validation_accuracy"),
         "majority_accuracy": server.majority_accuracy,
         "epsilon": max(state.epsilon.values(), default=0.0),
@@ -150,7 +172,7 @@ def build_summary(server: ServerSide, state: FederationState, facts: list[dict],
         "clients": config.federation.clients,
         "bytes_uploaded": state.bytes_uploaded,
         "bytes_downloaded": state.bytes_downloaded,
-        "trainable_parameters": count_parameters(trained),
+        "trainable_parameters": trained,
         "adapter_parameters": count_parameters(server.initial),
         "refused": {str(k): v for h in state.history for k, v in h.get("refused", {}).items()},
         "failed": {str(k): v for h in state.history for k, v in h.get("failed", {}).items()},

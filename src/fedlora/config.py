@@ -21,6 +21,7 @@ from fedlora.errors import ConfigError
 
 PARTITIONS = ("iid", "dirichlet", "group")
 OPTIMIZERS = ("sgd", "adam")
+HEADS = ("shared", "local")
 ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -70,6 +71,16 @@ class MethodConfig:
     rank: int = _f(8, "LoRA rank r")
     alpha: float = _f(8.0, "LoRA scaling alpha; the update is (alpha/r)·B·A")
     target_modules: list[str] = _f(["query", "value"], "names of the linear layers that get LoRA")
+    client_ranks: list[int] = _f(
+        [], "one LoRA rank per client, e.g. [4, 8, 16] (empty = every client uses method.rank); "
+        "the shared model is built at the largest and every client is scaled by alpha/max rank")
+    head: str = _f("shared", f"task head policy: {', '.join(HEADS)} (local = personal, never uploaded; "
+                   "evaluation is then each client's own model on its own held-out data)")
+
+    @property
+    def max_rank(self) -> int:
+        """The rank the shared model is built at: the largest client rank."""
+        return max(self.client_ranks) if self.client_ranks else self.rank
 
 
 @dataclass
@@ -178,17 +189,20 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
     elif typ is str:
         ok = isinstance(value, str)
     elif typing.get_origin(typ) is list:
-        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        item = typing.get_args(typ)[0]
+        ok = isinstance(value, list) and all(
+            isinstance(v, item) and not isinstance(v, bool) for v in value)
     else:  # pragma: no cover - a new field type without a rule is a bug
         raise TypeError(f"no type rule for {key}: {typ}")
     if not ok:
-        name = getattr(typ, "__name__", str(typ))
+        name = str(typ) if typing.get_origin(typ) else getattr(typ, "__name__", str(typ))
         raise ConfigError(f"{key} must be {_article(name)}, got {value!r} ({type(value).__name__})")
     return value
 
 
 def _article(name: str) -> str:
-    return {"list": "a list of strings", "int": "an integer", "float": "a number"}.get(
+    return {"list": "a list of strings", "list[int]": "a list of integers",
+            "list[str]": "a list of strings", "int": "an integer", "float": "a number"}.get(
         name, f"a {name}"
     )
 
@@ -264,13 +278,29 @@ def validate(config: Config) -> None:
     _check(1 <= f.min_clients <= per_round,
            f"federation.min_clients must be in [1, {per_round}] (the clients asked each round)")
     m = c.method
-    from fedlora.methods import available_methods
+    from fedlora.methods import available_methods, method_class
 
     _check(m.name in available_methods(),
            f"method.name '{m.name}' is unknown — choose one of {', '.join(available_methods())}")
     _check(m.rank >= 1, "method.rank must be ≥ 1, e.g. 8")
     _check(m.alpha > 0 and math.isfinite(m.alpha), "method.alpha must be a positive number")
     _check(len(m.target_modules) > 0, "method.target_modules must name at least one layer")
+    _check(m.head in HEADS, f"method.head must be one of {', '.join(HEADS)}, got '{m.head}'")
+    if m.client_ranks:
+        from fedlora.methods import method_class
+
+        supported = [n for n in available_methods() if method_class(n).supports_client_ranks]
+        _check(method_class(m.name).supports_client_ranks,
+               f"method.client_ranks: method '{m.name}' needs the same rank on every client — "
+               f"remove method.client_ranks or choose one of {', '.join(supported)}")
+        _check(len(m.client_ranks) == f.clients,
+               f"method.client_ranks has {len(m.client_ranks)} ranks for {f.clients} clients — "
+               "give one rank per client (federation.clients)")
+        _check(all(r >= 1 for r in m.client_ranks), "method.client_ranks must all be ≥ 1")
+    personalised = m.head == "local" or method_class(m.name).always_personalised
+    _check(not (personalised and c.data.validation_fraction > 0),
+           "data.validation_fraction > 0 is not supported with personalised models "
+           "(method.head='local' or a personalised method) — set data.validation_fraction=0")
     t = c.train
     _check(t.batch_size >= 1, "train.batch_size must be ≥ 1")
     _check(t.lr > 0 and math.isfinite(t.lr), "train.lr must be a positive number")

@@ -18,7 +18,7 @@ from fedlora.data.partition import label_counts, partition
 from fedlora.data.sources import TextDataset, load_dataset, split_holdout
 from fedlora.errors import DataError
 from fedlora.federation.client import Client, LocalTrainer
-from fedlora.federation.evaluate import Evaluator
+from fedlora.federation.evaluate import Evaluator, PersonalisedEvaluation
 from fedlora.methods import get_method
 from fedlora.methods.base import Method, State
 from fedlora.model import AdapterHandle, attach_lora, load_classifier, load_tokenizer, resolve_model_path
@@ -33,6 +33,7 @@ class Split:
     test: list[int]
     validation: list[int]
     clients: list[list[int]]
+    client_test: list[list[int]] | None = None  # personalised: each client's own held-out part
 
 
 @dataclass
@@ -55,10 +56,25 @@ class Experiment:
         return scores
 
 
-def split_data(dataset: TextDataset, config: Config) -> Split:
-    """Stratified test (and validation) hold-out, then the client partition of the rest."""
+def split_data(dataset: TextDataset, config: Config, personalised: bool = False) -> Split:
+    """Stratified test (and validation) hold-out, then the client partition of the rest.
+
+    Personalised models are tested on their own clients' data instead: the whole set is
+    partitioned, then each client holds out `data.test_fraction` of its own examples (stratified).
+    """
     d, seed = config.data, config.seed
     labels = dataset.labels
+    if personalised:
+        parts = partition(labels, clients=config.federation.clients, scheme=d.partition,
+                          seed=derive_seed(seed, "partition"), alpha=d.dirichlet_alpha,
+                          groups=dataset.groups if d.partition == "group" else None)
+        train, test = [], []
+        for k, part in enumerate(parts):
+            kept, held = split_holdout([labels[i] for i in part], d.test_fraction,
+                                       derive_seed(seed, "test", k))
+            train.append([part[i] for i in kept])
+            test.append([part[i] for i in held])
+        return Split(test=[], validation=[], clients=train, client_test=test)
     pool, test = split_holdout(labels, d.test_fraction, derive_seed(seed, "test"))
     validation: list[int] = []
     if d.validation_fraction > 0:
@@ -109,7 +125,7 @@ class Base:
         return encode(self.tokenizer, texts, config.model.max_length)
 
 
-def build_base(config: Config, num_labels: int) -> Base:
+def build_base(config: Config, num_labels: int, method: Method | None = None) -> Base:
     if config.threads:
         torch.set_num_threads(config.threads)
     model_path = resolve_model_path(config.model.path)
@@ -117,7 +133,8 @@ def build_base(config: Config, num_labels: int) -> Base:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model = attach_lora(load_classifier(model_path, num_labels, config.seed), config.method, config.seed)
     handle = AdapterHandle.of(model)
-    return Base(model, handle, handle.state(), get_method(config.method), tokenizer, pad_id, model_path)
+    return Base(model, handle, handle.state(), method or get_method(config.method), tokenizer, pad_id,
+                model_path)
 
 
 def build_trainer(config: Config, base: Base) -> LocalTrainer:
@@ -133,35 +150,51 @@ def build_client(config: Config, cid: int, token_ids: list[list[int]], labels: l
     return Client(cid=cid, token_ids=token_ids, labels=labels, privacy=privacy, seed=config.seed)
 
 
-def build_evaluators(config: Config, base: Base, dataset: TextDataset, test: list[int],
-                     validation: list[int], tokens: dict[int, list[int]]) -> list[Evaluator]:
-    """Server-side evaluation on held-out examples (positions into `dataset`)."""
-    def make(idx: list[int], prefix: str) -> Evaluator:
-        return Evaluator(base.handle, base.initial, [tokens[i] for i in idx],
-                         [dataset.labels[i] for i in idx], base.pad_id,
-                         config.train.eval_batch_size, prefix)
-
-    return [make(test, "test")] + ([make(validation, "validation")] if validation else [])
+def build_evaluators(config: Config, base: Base, dataset: TextDataset,
+                     held_out: dict[str, list[int]], tokens: dict[int, list[int]]) -> list[Evaluator]:
+    """The global model on held-out examples: one evaluator per non-empty `{prefix: positions}`."""
+    return [Evaluator(base.handle, base.initial, [tokens[i] for i in idx],
+                      [dataset.labels[i] for i in idx], base.pad_id,
+                      config.train.eval_batch_size, prefix)
+            for prefix, idx in held_out.items() if idx]
 
 
 def build_experiment(config: Config) -> Experiment:
     """The in-process simulation: the server side and every client, in one process."""
     dataset = load_data(config)
-    split = split_data(dataset, config)
+    method = get_method(config.method)
+    split = split_data(dataset, config, method.personalised)
     _check_labels_seen(dataset, split)
-    base = build_base(config, dataset.num_labels)
+    base = build_base(config, dataset.num_labels, method)
     tokens = dict(enumerate(base.encode(dataset.texts, config)))
     trainer = build_trainer(config, base)
     clients = [build_client(config, cid, [tokens[i] for i in part], [dataset.labels[i] for i in part])
                for cid, part in enumerate(split.clients)]
-    evaluators = build_evaluators(config, base, dataset, split.test, split.validation, tokens)
-    return Experiment(config, dataset, split, base.method, base.model, base.initial, trainer,
+    if split.client_test is not None:
+        evaluators = [PersonalisedEvaluation([
+            Evaluator(base.handle, base.initial, [tokens[i] for i in part],
+                      [dataset.labels[i] for i in part], base.pad_id,
+                      config.train.eval_batch_size, "test",
+                      view=_client_view(method, base.initial, client))
+            for client, part in zip(clients, split.client_test)])]
+    else:
+        evaluators = build_evaluators(config, base, dataset, {"test": split.test}, tokens)
+    evaluators += build_evaluators(config, base, dataset, {"validation": split.validation}, tokens)
+    return Experiment(config, dataset, split, method, base.model, base.initial, trainer,
                       clients, evaluators, base.model_path)
+
+
+def _client_view(method: Method, initial: State, client: Client):
+    """Client `client`'s own model: what it would install (its personal tensors included)."""
+    def view(glob):
+        download = method.download(glob, client.cid)
+        return method.client_state(initial, client.personal, download, client.cid)
+    return view
 
 
 def _check_labels_seen(dataset: TextDataset, split: Split) -> None:
     trained = {dataset.labels[i] for part in split.clients for i in part}
-    missing = sorted({dataset.labels[i] for i in split.test} - trained)
+    missing = sorted({dataset.labels[i] for i in test_positions(split)} - trained)
     if missing:
         names = [dataset.label_names[i] for i in missing]
         raise DataError(f"labels {names} appear only in the test set — every class needs "
@@ -176,19 +209,27 @@ def partition_report(exp: Experiment) -> dict:
         "dirichlet_alpha": exp.config.data.dirichlet_alpha,
         "seed": exp.config.seed,
         "label_names": ds.label_names,
-        "test_size": len(split.test),
+        "test_size": len(test_positions(split)),
         "validation_size": len(split.validation),
-        "test_label_counts": label_counts(ds.labels, [split.test], ds.num_labels)[0],
+        "test_label_counts": label_counts(ds.labels, [test_positions(split)], ds.num_labels)[0],
         "clients": [
-            {"client": k, "size": len(part), "label_counts": counts[k], "indices": part}
+            {"client": k, "size": len(part), "label_counts": counts[k], "indices": part,
+             **({"test_indices": split.client_test[k]} if split.client_test is not None else {})}
             for k, part in enumerate(split.clients)
         ],
     }
+
+
+def test_positions(split: Split) -> list[int]:
+    """Every held-out test example: the global test set, or all clients' own held-out parts."""
+    if split.client_test is not None:
+        return sorted(i for part in split.client_test for i in part)
+    return split.test
 
 
 def majority_accuracy(exp: Experiment) -> float:
     """Test accuracy of always predicting the most common training label (the floor to beat)."""
     train = [exp.dataset.labels[i] for part in exp.split.clients for i in part]
     majority = max(set(train), key=train.count)
-    test = [exp.dataset.labels[i] for i in exp.split.test]
+    test = [exp.dataset.labels[i] for i in test_positions(exp.split)]
     return sum(1 for y in test if y == majority) / len(test) if test else math.nan

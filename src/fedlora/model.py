@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +20,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from fedlora.config import MethodConfig, ModelConfig  # noqa: E402
 from fedlora.errors import ModelError  # noqa: E402
+from fedlora.methods import keys  # noqa: E402
 from fedlora.seeding import derive_seed  # noqa: E402
 
 ADAPTER_NAME = "default"
@@ -54,7 +55,12 @@ def resolve_model_path(path: str) -> str:
 
 
 def _quiet_transformers() -> None:
+    import warnings
+
     import transformers
+
+    # transformers 5.23 warns about its own deprecated call inside PEFT; not the user's concern
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -113,7 +119,7 @@ def attach_lora(model: nn.Module, config: MethodConfig, seed: int) -> nn.Module:
 
     _check_targets(model, config.target_modules)
     lora = LoraConfig(
-        r=config.rank,
+        r=config.max_rank,  # unequal client ranks: one model at the largest, masked per client
         lora_alpha=config.alpha,
         target_modules=list(config.target_modules),
         lora_dropout=0.0,
@@ -138,43 +144,87 @@ def _check_targets(model: nn.Module, targets: list[str]) -> None:
 
 @dataclass
 class AdapterHandle:
-    """The live adapter parameters of a PEFT model, by PEFT state-dict name."""
+    """The live trainable tensors of a PEFT model, by state key: adapter and base weights.
+
+    Adapter tensors (LoRA A/B, the head) are keyed by PEFT state-dict names and installed as
+    values. Frozen base weights are keyed `base_delta:<parameter name>` and installed as changes:
+    W = W0 + Δ. W0 of a base weight is copied the first time it is changed (or trained) and
+    kept here, once per process: `AdapterHandle.of(model)` returns the same handle for the same
+    model, so the trainer and every evaluator share one copy of W0 and never reload the model.
+    """
 
     model: nn.Module
     params: dict[str, nn.Parameter]
+    base: dict[str, nn.Parameter] = field(default_factory=dict)
+    _w0: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, model: nn.Module) -> "AdapterHandle":
-        params = {}
+        cached = model.__dict__.get("_fedlora_handle")
+        if cached is not None:
+            return cached
+        params, base = {}, {}
         for name, p in model.named_parameters():
             if ".lora_" in name or ".modules_to_save." in name:
                 params[peft_key(name)] = p
-        return cls(model, params)
+            elif ".original_module." not in name:  # the head's unused pre-PEFT copy
+                base[keys.base_key(name)] = p
+        handle = cls(model, params, base)
+        model.__dict__["_fedlora_handle"] = handle
+        return handle
 
     def state(self) -> dict[str, Tensor]:
-        """A detached copy of every adapter tensor."""
-        return {k: p.detach().clone() for k, p in self.params.items()}
+        """A detached copy of every adapter tensor, and Δ = W − W0 of every base weight that
+        has been changed or trained."""
+        out = {k: p.detach().clone() for k, p in self.params.items()}
+        out.update({k: self.base[k].detach() - w0 for k, w0 in self._w0.items()})
+        return out
 
     def install(self, state: dict[str, Tensor]) -> None:
-        """Copy `state` into the live parameters (keys must be adapter keys)."""
+        """Copy adapter tensors in; set every base weight to W0 + Δ with Δ from `state`
+        (base weights absent from `state` go back to W0: a state is the whole base change)."""
         with torch.no_grad():
+            delta = {}
             for key, value in state.items():
-                self.params[key].copy_(value)
+                if keys.is_base(key):
+                    delta[key] = value
+                else:
+                    self.params[key].copy_(value)
+            for key in delta:
+                self._snapshot(key)
+            for key, w0 in self._w0.items():
+                p = self.base[key]
+                p.copy_(w0 + delta[key] if key in delta else w0)
 
     def set_trainable(self, trainable: callable) -> list[str]:
         """requires_grad per `trainable(key)`; returns the trainable keys."""
         on = []
-        for key, p in self.params.items():
+        for key, p in {**self.params, **self.base}.items():
             flag = bool(trainable(key))
+            if flag and key in self.base:
+                self._snapshot(key)
             p.requires_grad_(flag)
             if flag:
                 on.append(key)
         return on
 
+    def param(self, key: str) -> nn.Parameter:
+        return self.params[key] if key in self.params else self.base[key]
+
+    def shapes(self) -> dict[str, torch.Size]:
+        """Every key this handle can install or train, with its shape."""
+        return {k: p.shape for k, p in {**self.params, **self.base}.items()}
+
     def param_names(self) -> dict[str, str]:
-        """PEFT key → `model.named_parameters()` name."""
+        """State key → `model.named_parameters()` name."""
         inverse = {id(p): n for n, p in self.model.named_parameters()}
-        return {k: inverse[id(p)] for k, p in self.params.items()}
+        return {k: inverse[id(p)] for k, p in {**self.params, **self.base}.items()}
+
+    def _snapshot(self, key: str) -> None:
+        if key not in self.base:
+            raise KeyError(f"{key!r} is not a base weight of this model")
+        if key not in self._w0:
+            self._w0[key] = self.base[key].detach().clone()
 
 
 def peft_key(param_name: str) -> str:
@@ -186,3 +236,31 @@ def peft_key(param_name: str) -> str:
 
 def count_parameters(state: dict[str, Tensor]) -> int:
     return sum(v.numel() for v in state.values())
+
+
+def save_base_delta(delta: dict[str, Tensor], path: Path) -> None:
+    """Write base-weight changes as safetensors keyed by the plain model's parameter names."""
+    from safetensors.torch import save_file
+
+    save_file({keys.native_name(k): v.detach().contiguous() for k, v in delta.items()}, str(path))
+
+
+def apply_base_delta(model: nn.Module, path: str | Path) -> nn.Module:
+    """W ← W + Δ for every tensor in `base_delta.safetensors`, on a plain (un-PEFTed) model.
+
+    Load an exported run whose method changes base weights (FedEx-LoRA, FLoRA, full) with:
+    `apply_base_delta(AutoModelForSequenceClassification.from_pretrained(base, num_labels=k),
+    run / "base_delta.safetensors")`, then `PeftModel.from_pretrained(that, run / "adapter")`.
+    """
+    from safetensors.torch import load_file
+
+    delta = load_file(str(path))
+    params = dict(model.named_parameters())
+    missing = [k for k in delta if k not in params]
+    if missing:
+        raise ModelError(f"{path}: {missing[:3]} are not parameters of this model — load the "
+                         "same base model the run used")
+    with torch.no_grad():
+        for name, d in delta.items():
+            params[name].add_(d.to(params[name].dtype))
+    return model

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from fedlora.config import TrainConfig
 from fedlora.data.batching import collate
+from fedlora.methods import lowrank
 from fedlora.methods.base import Method, State
 from fedlora.model import AdapterHandle
 from fedlora.privacy.dpsgd import clip_and_noise, per_sample_gradients
@@ -72,9 +73,13 @@ class LocalTrainer:
         if not privacy.can_take(self.local_steps):
             return self._refuse(client, f"client {client.cid} has spent its privacy budget "
                                         f"(ε={privacy.spent():.3f} of {privacy.epsilon}); it stops")
-        self.handle.install({**self.initial, **client.personal, **download})
+        rank = self.method.client_rank(client.cid)
+        self.handle.install(self.method.client_state(self.initial, client.personal, download,
+                                                     client.cid))
         keys = self.handle.set_trainable(lambda k: self.method.trainable(k, round))
-        params = [self.handle.params[k] for k in keys]
+        params = [self.handle.param(k) for k in keys]
+        # a rank-r_k client on the rank-r_max model: coordinates beyond r_k stay exactly zero
+        masked = {k: self.handle.param(k) for k in keys} if rank < self.method.max_rank else {}
         optimizer = self._optimizer(params)
         sampler = torch.Generator().manual_seed(derive_seed(client.seed, "sample", client.cid, round))
         noise = torch.Generator().manual_seed(derive_seed(client.seed, "noise", client.cid, round))
@@ -84,8 +89,12 @@ class LocalTrainer:
         for _ in range(self.local_steps):
             batch = self._poisson_batch(client, privacy.sample_rate, sampler)
             loss = self._step(client, batch, keys, noise)
+            if masked:  # DP noise on masked coordinates is discarded, never applied
+                lowrank.zero_beyond_rank_({k: p.grad for k, p in masked.items()}, rank)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if masked:
+                lowrank.zero_beyond_rank_(masked, rank)
             privacy.record_step()  # recorded before anything leaves the client
             client.steps += 1
             if loss is not None:
@@ -96,7 +105,7 @@ class LocalTrainer:
         client.personal = {k: v for k, v in local.items() if self.method.personal(k)}
         return ClientReply(
             client=client.cid,
-            upload=self.method.upload(local, round),
+            upload=lowrank.slice_to_rank(self.method.upload(local, round), rank),
             num_examples=client.num_examples,
             epsilon=privacy.spent() if privacy.enabled else math.inf,
             steps=client.steps,
@@ -130,8 +139,12 @@ class LocalTrainer:
         if not privacy.enabled:
             return self._plain_step(client, chunks, len(batch_idx))
         names = [self.names[k] for k in keys]
-        params = [self.handle.params[k] for k in keys]
-        parts: dict[str, list[Tensor]] = {n: [p.new_zeros((0, *p.shape))] for n, p in zip(names, params)}
+        params = [self.handle.param(k) for k in keys]
+        expected = privacy.sample_rate * client.num_examples
+        # Σ_i clip(g_i) is summed micro-batch by micro-batch (clipping is per example, so this is
+        # exact) and the noise is drawn once: per-example gradients of one micro-batch at a time
+        # are in memory, which is what makes DP full fine-tuning fit.
+        summed = {n: torch.zeros_like(p) for n, p in zip(names, params)}
         total = 0.0
         for idx in chunks:
             value = {}
@@ -140,15 +153,18 @@ class LocalTrainer:
                 value["losses"] = self.per_example_loss(client, idx)
                 return value["losses"]
 
-            for name, g in per_sample_gradients(self.model, loss_fn).items():
-                parts[name].append(g)
+            samples = per_sample_gradients(self.model, loss_fn)
+            clipped, _ = clip_and_noise(samples, clip=privacy.clip, noise_multiplier=0.0,
+                                        expected_batch_size=1.0, generator=None)
+            for name in names:
+                summed[name] += clipped[name]
             total += float(value["losses"].detach().sum())
-        samples = {n: torch.cat(gs) for n, gs in parts.items()}  # an empty batch gives pure noise
-        expected = privacy.sample_rate * client.num_examples
-        grads, _ = clip_and_noise(samples, clip=privacy.clip, noise_multiplier=privacy.noise_multiplier,
-                                  expected_batch_size=expected, generator=noise)
+        empty = {n: p.new_zeros((0, *p.shape)) for n, p in zip(names, params)}
+        noise_only, _ = clip_and_noise(empty, clip=privacy.clip,  # an empty batch is pure noise
+                                       noise_multiplier=privacy.noise_multiplier,
+                                       expected_batch_size=1.0, generator=noise)
         for name, p in zip(names, params):
-            p.grad = grads[name]
+            p.grad = (summed[name] + noise_only[name]) / expected
         return total / len(batch_idx) if batch_idx else None
 
     def _plain_step(self, client: Client, chunks: list[list[int]], n: int) -> float | None:

@@ -14,7 +14,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from fedlora.config import MethodConfig
-from fedlora.methods import keys
+from fedlora.methods import keys, lowrank
 from fedlora.methods.aggregate import weighted_mean
 
 State = dict[str, Tensor]
@@ -43,6 +43,17 @@ class GlobalState:
     def with_adapter(self, adapter: State) -> "GlobalState":
         return replace(self, adapter=adapter)
 
+    def updated(self, state: State) -> "GlobalState":
+        """A copy with `state`'s tensors replacing ours: base-weight keys (`keys.is_base`) go
+        to `base_delta`, the rest to `adapter`."""
+        base = {k: v for k, v in state.items() if keys.is_base(k)}
+        rest = {k: v for k, v in state.items() if not keys.is_base(k)}
+        return GlobalState({**self.adapter, **rest}, {**self.base_delta, **base})
+
+    def tensors(self) -> State:
+        """Adapter and base changes in one state: what installs the global model."""
+        return {**self.adapter, **self.base_delta}
+
 
 class Method:
     """Base class; subclasses set `name` and override the predicates or `aggregate`.
@@ -52,6 +63,13 @@ class Method:
     """
 
     name: ClassVar[str]
+    #: can clients hold different LoRA ranks (`method.client_ranks`)? Only where aggregation
+    #: stays meaningful across ranks.
+    supports_client_ranks: ClassVar[bool] = False
+    #: is the model personalised whatever the head policy (some tensors never leave a client)?
+    always_personalised: ClassVar[bool] = False
+    #: the paper, for the README's table and `fedlora methods`
+    paper: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -66,8 +84,38 @@ class Method:
         return True
 
     def personal(self, key: str) -> bool:
-        """Does tensor `key` stay with its client (personalisation) rather than being shared?"""
-        return False
+        """Does tensor `key` stay with its client (personalisation) rather than being shared?
+        With `method.head = "local"` the head does."""
+        return self.config.head == "local" and keys.is_head(key)
+
+    @property
+    def personalised(self) -> bool:
+        """Is each client's model its own (evaluated per client on its own held-out data)?"""
+        return self.always_personalised or self.config.head == "local"
+
+    # -- ranks -------------------------------------------------------------------------
+    @property
+    def max_rank(self) -> int:
+        return self.config.max_rank
+
+    def client_rank(self, client: int) -> int:
+        """The LoRA rank r_k of `client`. Every client's product is scaled by α/r_max (the
+        shared model's), i.e. a rank-r_k client is a rank-r_k LoRA with α_k = α·r_k/r_max, so
+        all clients' B_k·A_k are in the same units and can be averaged or stacked as they are."""
+        ranks = self.config.client_ranks
+        return ranks[client] if ranks else self.max_rank
+
+    @property
+    def scaling(self) -> float:
+        """s in ΔW = s·B·A (PEFT's α/r of the shared model)."""
+        return self.config.alpha / self.max_rank
+
+    def client_state(self, initial: State, personal: State, download: State, client: int) -> State:
+        """Everything a client installs: its download over its personal tensors over the
+        initial adapter, padded to the model's rank and zero beyond the client's rank."""
+        state = lowrank.pad_to_rank({**initial, **personal, **download}, self.max_rank)
+        rank = self.client_rank(client)
+        return state if rank == self.max_rank else lowrank.zero_beyond_rank(state, rank)
 
     # -- the four operations -----------------------------------------------------------
     def init_global(self, initial: State) -> GlobalState:
@@ -76,26 +124,44 @@ class Method:
         return GlobalState(adapter=shared)
 
     def download(self, glob: GlobalState, client: int) -> State:
-        """What the server sends `client` at the start of a round."""
-        return dict(glob.adapter)
+        """What the server sends `client` at the start of a round: the global adapter (cut to
+        the client's rank) and any base-weight changes."""
+        return lowrank.slice_to_rank(glob.tensors(), self.client_rank(client))
 
     def upload(self, local: State, round: int) -> State:
         """What a client sends after local training: the shared tensors it trained."""
         return {k: v for k, v in local.items() if self.trainable(k, round) and self._shared(k)}
 
     def aggregate(self, glob: GlobalState, updates: list[Update], round: int) -> GlobalState:
-        """FedAvg: each uploaded tensor becomes the example-weighted mean over clients."""
+        """FedAvg: each uploaded tensor becomes the example-weighted mean over clients.
+
+        Factors of rank-r_k clients are zero-padded to the model's rank first (unequal ranks).
+        """
         if not updates:
             return glob
-        weights = [float(u.num_examples) for u in updates]
-        averaged = weighted_mean([u.state for u in updates], weights)
-        return glob.with_adapter({**glob.adapter, **averaged})
+        weights = self.data_weights(updates)
+        states = lowrank.pad_like([u.state for u in updates], glob.adapter)
+        averaged = weighted_mean(states, weights)
+        return glob.updated(averaged)
 
     def _shared(self, key: str) -> bool:
         return self.communicated(key) and not self.personal(key)
 
     def describe(self) -> str:
         return (self.__doc__ or self.name).strip().splitlines()[0]
+
+    # -- helpers for aggregation rules ----------------------------------------------------
+    @staticmethod
+    def data_weights(updates: list[Update]) -> list[float]:
+        """p_k ∝ n_k, the clients' example counts."""
+        return [float(u.num_examples) for u in updates]
+
+    def average_rest(self, glob: GlobalState, updates: list[Update], handled: set[str]) -> GlobalState:
+        """FedAvg of every uploaded tensor not in `handled` (the head, typically)."""
+        rest = [{k: v for k, v in u.state.items() if k not in handled} for u in updates]
+        if not rest or not rest[0]:
+            return glob
+        return glob.updated(weighted_mean(rest, self.data_weights(updates)))
 
 
 __all__ = ["GlobalState", "Method", "State", "Update", "keys"]

@@ -15,9 +15,13 @@ class FFALoRA(Method):
     """FFA-LoRA: A frozen from a shared seed; train and average only B and the head."""
 
     name = "ffa"
+    paper = "Sun et al., ICLR 2024, arXiv 2403.12313"
+    # A rank-r_k client uses the first r_k rows of the shared A (and r_k columns of B): with A
+    # the same everywhere, the zero-padded average Σ p_k·B_k·A[:r_k] stays exact.
+    supports_client_ranks = True
 
     def trainable(self, key: str, round: int) -> bool:
-        return not keys.is_lora_a(key)
+        return not keys.is_lora_a(key) and not keys.is_base(key)
 
     def communicated(self, key: str) -> bool:
         # Every client rebuilds the same A from the shared seed: it never needs sending.

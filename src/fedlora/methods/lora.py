@@ -3,6 +3,7 @@
 The aggregate is inexact: mean(B_k)·mean(A_k) ≠ mean(B_k·A_k) once clients' A differ.
 """
 
+from fedlora.methods import keys
 from fedlora.methods.base import Method
 from fedlora.methods.registry import register
 
@@ -12,6 +13,7 @@ class FedIT(Method):
     """FedIT / vanilla LoRA: train and average A, B and the head separately."""
 
     name = "lora"
+    paper = "Zhang et al., ICASSP 2024 (FedIT), arXiv 2305.05644"
 
     def trainable(self, key: str, round: int) -> bool:
-        return True
+        return not keys.is_base(key)

@@ -285,7 +285,8 @@ def calibrate_noise(
     Poisson-subsampled Gaussian steps at `sample_rate` give ε ≤ `epsilon` at `delta`.
 
     Opacus's `get_noise_multiplier` bisects on σ; the result is then re-checked with a fresh
-    computation and σ raised by 0.1 % steps until ε ≤ epsilon (never under-reports).
+    `PrivacyAccountant` and σ raised by 0.1 % steps until ε ≤ epsilon (never under-reports).
+    Targets no σ can reach raise `ConfigError`.
     `epsilon = inf` means no privacy: σ = 0. Cached (PRV calibration takes seconds).
     """
     _check_kind(accountant)
@@ -297,7 +298,10 @@ def calibrate_noise(
     if math.isinf(epsilon):
         return 0.0
     epsilon = _real(epsilon)
-    if epsilon <= _rdp_floor(delta):  # for PRV too: its bound is ≥ ~eps_error = 0.01 anyway
+    # Below what RDP can certify with any σ: hopeless. PRV's bound carries +eps_error (0.01),
+    # so for it only targets below both are rejected up front.
+    floor = _rdp_floor(delta) if accountant == "rdp" else min(_rdp_floor(delta), _PRV_EPS_ERROR / 2)
+    if epsilon <= floor:
         raise _unreachable(epsilon, delta, sample_rate, steps)
     probe = _Probe(accountant, epsilon)
     try:
@@ -329,10 +333,13 @@ def _unreachable(epsilon: float, delta: float, q: float, steps: int) -> ConfigEr
 
 
 def _verified(sigma: float, epsilon: float, delta: float, q: float, steps: int, kind: str) -> float:
-    """Raise σ by 0.1 % steps until a fresh ε computation gives ε ≤ epsilon."""
+    """Raise σ by 0.1 % steps until a fresh `PrivacyAccountant` gives ε ≤ epsilon."""
     for _ in range(1000):
-        if math.isfinite(sigma) and _epsilon(kind, ((sigma, q, steps),), delta) <= epsilon:
-            return sigma
+        if math.isfinite(sigma):
+            fresh = PrivacyAccountant(kind)
+            fresh.step(noise_multiplier=sigma, sample_rate=q, steps=steps)
+            if fresh.epsilon(delta) <= epsilon:
+                return sigma
         sigma *= 1.001
     raise RuntimeError(f"noise calibration failed for ε={epsilon}, δ={delta}, q={q}, steps={steps}")
 

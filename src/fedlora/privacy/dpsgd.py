@@ -59,7 +59,15 @@ def _trainable_owners(model: nn.Module) -> list[tuple[str, nn.Module, list[tuple
 
 
 class _Recorder:
-    """Forward hook saves a module's inputs, full backward hook its output gradient."""
+    """Records one module's inputs (forward hook) and the gradient of its output.
+
+    The output gradient is caught by a tensor hook on the output, registered from the
+    forward hook. (A full backward hook would fire only when the gradient w.r.t. the
+    module's *inputs* is computed, which `torch.autograd.grad(..., inputs=params)` skips
+    when those inputs lead to no requested parameter — e.g. an input that requires grad for
+    another reason —, silently giving zero per-example gradients. The output's gradient is
+    always computed, since the module's parameters' gradients depend on it.)
+    """
 
     def __init__(self, name: str):
         self.name = name
@@ -75,9 +83,12 @@ class _Recorder:
         if not inputs:
             raise RuntimeError(f"module {self.name!r} was called without positional inputs")
         self.activations = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
+        out = output if isinstance(output, Tensor) else output[0]  # as Opacus: grad_output[0]
+        if out.requires_grad:
+            out.register_hook(self._save_backprops)
 
-    def backward_hook(self, module: nn.Module, grad_input, grad_output) -> None:
-        self.backprops = grad_output[0].detach()
+    def _save_backprops(self, grad: Tensor) -> None:
+        self.backprops = grad.detach()
 
 
 def per_sample_gradients(
@@ -89,11 +100,14 @@ def per_sample_gradients(
     1-D tensor (not averaged). Σ_i L_i is back-propagated once with `torch.autograd.grad`
     (so `.grad` is not touched: it stays as it was, None in a training loop) and Opacus's
     grad samplers turn each module's inputs and output gradients into per-example gradients.
+    Modules that own trainable parameters must see the batch as their first dimension and
+    run at most once per forward (a second call raises `RuntimeError`).
 
     Returns `{name: tensor of shape (n, *param.shape)}` keyed by `model.named_parameters()`
     names. A trainable parameter that did not take part in the loss gets zeros. With n = 0
     the tensors have shape (0, *param.shape) (the shape `clip_and_noise` wants for an empty
-    batch). All hooks are removed before returning, also on error.
+    batch). The module hooks are removed before returning, also on error (the tensor hooks
+    live on this call's autograd graph and go with it).
     """
     owners = _trainable_owners(model)
     recorders = [_Recorder(name) for name, _, _ in owners]
@@ -101,10 +115,12 @@ def per_sample_gradients(
     try:
         for (_, module, _), rec in zip(owners, recorders):
             handles.append(module.register_forward_hook(rec.forward_hook))
-            handles.append(module.register_full_backward_hook(rec.backward_hook))
         losses = per_example_loss()
         if not isinstance(losses, Tensor) or losses.dim() != 1:
             raise ValueError("per_example_loss() must return a 1-D tensor of per-example losses")
+        if losses.shape[0] > 0 and not losses.requires_grad:
+            raise ValueError("per_example_loss() returned losses that do not require grad "
+                             "(run under torch.no_grad(), or no trainable parameter was used?)")
         n = losses.shape[0]
         params = [p for _, _, ps in owners for _, p in ps]
         if n > 0 and params:

@@ -21,6 +21,8 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from fedlora import report  # noqa: E402
 from fedlora.api import ServerSide, execute  # noqa: E402
 from fedlora.config import Config  # noqa: E402
+from fedlora.errors import ConfigError  # noqa: E402
+from fedlora.methods import get_method  # noqa: E402
 from fedlora.data.sources import TextDataset, load_dataset  # noqa: E402
 from fedlora.experiment import build_base, build_evaluators, load_data, split_data  # noqa: E402
 from fedlora.federation.flower.runconfig import read_run_config  # noqa: E402
@@ -51,11 +53,18 @@ def held_out(config: Config, test_path: str) -> tuple[TextDataset, list[int], li
 
 
 def build_server(config: Config, test_path: str) -> tuple[ServerSide, list[str]]:
+    method = get_method(config.method)
+    if method.personalised:
+        raise ConfigError(
+            f"method.name={config.method.name} (head={config.method.head}) is personalised: each "
+            "client's own model is scored on its own held-out data, which only the in-process "
+            "simulation does so far — run it with `fedlora run`, or use a shared head")
     data, test, validation = held_out(config, test_path)
-    base = build_base(config, data.num_labels)
+    base = build_base(config, data.num_labels, method)
     idx = sorted(set(test) | set(validation))
     tokens = dict(zip(idx, base.encode([data.texts[i] for i in idx], config)))
-    evaluators = build_evaluators(config, base, data, test, validation, tokens)
+    evaluators = build_evaluators(config, base, data, {"test": test, "validation": validation},
+                                  tokens)
 
     def evaluate(glob):
         scores = {}

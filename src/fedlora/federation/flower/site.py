@@ -27,6 +27,7 @@ from fedlora.experiment import build_base, build_client, build_trainer, load_dat
 from fedlora.federation.client import Client, LocalTrainer
 from fedlora.federation.flower.messages import SiteFacts
 from fedlora.federation.wire import decode_state, encode_state
+from fedlora.methods import get_method
 
 STATE = "fedlora-site"
 DEMO_KEYS = ("partition-id", "num-partitions")
@@ -71,7 +72,7 @@ def site_examples(config: Config, node_config: Mapping[str, Any]) -> tuple[int, 
                           f"{config.federation.clients} — start every SuperNode with "
                           f"num-partitions={config.federation.clients}")
     dataset = load_data(config)  # the shared demo set, split exactly as the simulation does
-    part = split_data(dataset, config).clients[cid]
+    part = split_data(dataset, config, get_method(config.method).personalised).clients[cid]
     return cid, [dataset.texts[i] for i in part], [dataset.label_names[dataset.labels[i]] for i in part]
 
 

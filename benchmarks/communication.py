@@ -1,0 +1,55 @@
+"""Bytes per round of every method on a config's model (default: the default job), measured.
+
+Builds the experiment (no training), lets every client move what it trains by a random amount,
+aggregates once, then serialises the second round's downloads and uploads exactly as the
+transport does (safetensors): the steady-state bytes per client per round, base changes included.
+
+    PYTHONPATH=src python benchmarks/communication.py [key=value ...]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from fedlora.config import load_config
+from fedlora.experiment import build_experiment
+from fedlora.federation.wire import payload_bytes
+from fedlora.methods import available_methods, lowrank
+from fedlora.methods.base import Update
+
+
+def measure(overrides: list[str]) -> list[tuple[str, int, int]]:
+    rows = []
+    for name in available_methods():
+        exp = build_experiment(load_config(None, ["threads=1", *overrides, f"method.name={name}"]))
+        m, gen = exp.method, torch.Generator().manual_seed(0)
+        glob = m.init_global(exp.initial)
+        for round in range(2):
+            ups = []
+            for c in exp.clients:
+                local = m.client_state(exp.initial, {}, m.download(glob, c.cid), c.cid)
+                moved = {k: v + 0.01 * torch.randn(v.shape, generator=gen) if m.trainable(k, round)
+                         else v for k, v in local.items()}
+                ups.append(lowrank.slice_to_rank(m.upload(_with_base(exp, m, moved, round), round),
+                                                 m.client_rank(c.cid)))
+            if round == 0:
+                glob = m.aggregate(glob, [Update(c.cid, u, c.num_examples)
+                                          for c, u in zip(exp.clients, ups)], round)
+        down = payload_bytes(m.download(glob, 0))
+        rows.append((name, down, payload_bytes(ups[0])))
+    return rows
+
+
+def _with_base(exp, m, state, round):
+    """Trained base weights (full fine-tuning) as changes Δ of the same shape."""
+    shapes = exp.trainer.handle.shapes()
+    extra = {k: torch.zeros(s) for k, s in shapes.items() if k not in state and m.trainable(k, round)}
+    return {**state, **extra}
+
+
+if __name__ == "__main__":
+    print("method     download/client/round  upload/client/round")
+    for name, down, up in measure(sys.argv[1:]):
+        print(f"{name:10s} {down:>20,d}  {up:>18,d}")
