@@ -27,7 +27,7 @@ from fedlora.experiment import build_experiment  # noqa: E402
 from fedlora.federation.client import ClientReply  # noqa: E402
 from fedlora.federation.flower import client_app, deploy, messages, site  # noqa: E402
 from fedlora.federation.flower.runconfig import read_run_config  # noqa: E402
-from fedlora.federation.flower.server_app import build_server  # noqa: E402
+from fedlora.federation.flower.server_app import build_server, connect  # noqa: E402
 from fedlora.federation.flower.transport import FlowerTransport  # noqa: E402
 from fedlora.federation.wire import payload_bytes  # noqa: E402
 from fedlora.outputs import RunFolder  # noqa: E402
@@ -84,9 +84,9 @@ def test_num_partitions_must_match_the_run(three):
 def test_a_site_with_its_own_file(three, tmp_path, toy_csv):
     own = tmp_path / "site.csv"
     own.write_text("words,label\ngood fun,pos\ndull bad,neg\n", encoding="utf-8")
-    cid, texts, labels = site.site_examples(
+    data = site.site_examples(
         three, {"data-path": str(own), "client-id": 1, "text-column": "words", "label-column": "label"})
-    assert (cid, texts, labels) == (1, ["good fun", "dull bad"], ["pos", "neg"])
+    assert (data.client, data.texts, data.labels) == (1, ["good fun", "dull bad"], ["pos", "neg"])
     with pytest.raises(fedlora.errors.DataError, match="not among the run's labels"):
         site.Site.build(three, {"data-path": str(own), "client-id": 1, "text-column": "words",
                                 "label-column": "label"}, ["bad", "good"])
@@ -143,16 +143,16 @@ class MemoryGrid:
             if node in self.broken:
                 replies.append(Message(Error(code=5, reason="node unavailable"), reply_to=msg))
                 continue
-            handler = client_app.train if msg.metadata.message_type == "train" else client_app.query
+            handler = {"train": client_app.train, "query": client_app.query,
+                       "evaluate": client_app.evaluate}[msg.metadata.message_type]
             replies.append(handler(msg, self.contexts[node]))
         return replies
 
 
 def _flower_in_memory(config, tmp_path, grid):
     run = read_run_config(grid.contexts[next(iter(grid.contexts))].run_config)
-    server, labels = build_server(run.config, "")
-    transport = FlowerTransport(grid, labels, config.federation.clients, 5.0, say=lambda s: None)
-    transport.connect(1.0, config.federation.min_clients)
+    run.round_timeout, run.connect_timeout = 5.0, 1.0
+    server, transport = connect(grid, run, say=lambda s: None)
     folder = RunFolder(tmp_path / "flower").open()
     summary = execute(server, transport, folder, lambda s: None, 0.0, transport.client_facts)
     return summary, folder.tmp, transport
@@ -182,6 +182,22 @@ def test_flower_transport_matches_the_simulation(tiny_overrides, tmp_path):
     for ctx in grid.contexts.values():
         saved = json.loads(ctx.state.config_records[site.STATE]["accountant"])
         assert sum(n for _, _, n in saved["history"]) == 4
+
+
+def test_personalised_method_is_scored_by_the_sites(tiny_overrides, tmp_path):
+    """fedsa keeps B and the head at each site; each site scores its own model on its own
+    held-out part — the same numbers as the simulation's per-client evaluation."""
+    config = load_config(None, tiny_overrides + ["method.name=fedsa"])
+    grid = MemoryGrid({k + 10: {"partition-id": k, "num-partitions": 3} for k in range(3)},
+                      _run_config(config, tmp_path))
+    summary, out, _ = _flower_in_memory(config, tmp_path, grid)
+    sim = fedlora.run(config, tmp_path / "sim", progress=None)
+    for key in ("test_accuracy", "test_loss", "test_accuracy_per_client", "epsilon_per_client",
+                "bytes_uploaded", "client_sizes"):
+        assert summary[key] == sim[key], key
+    ours = load_file(out / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "sim" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def _three_nodes(config, tmp_path) -> MemoryGrid:

@@ -1,4 +1,5 @@
-"""The ClientApp a SuperNode runs: answer who it is, and train its own client on its own data.
+"""The ClientApp a SuperNode runs: answer who it is, train its own client on its own data,
+and (personalised methods) score its own model on its own held-out examples.
 
 Every fedlora method and the DP-SGD step run unchanged: the site builds the same
 `LocalTrainer` and `Client` the simulation builds, only from its own data.
@@ -42,3 +43,16 @@ def train(msg: Message, context: Context) -> Message:
     site.save(context.state)  # the accountant has recorded every step before anything leaves
     content, _ = reply_record(reply, site.facts)
     return Message(RecordDict({RECORD: ConfigRecord(content)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Personalised methods: this client's own model, scored on its own held-out examples."""
+    run = read_run_config(context.run_config)
+    instruction = read_train(msg.content.config_records[RECORD])
+    site = Site.build(run.config, context.node_config, instruction.label_names)
+    site.restore(context.state)  # its personal tensors, as its last round left them
+    scores = site.evaluate(instruction.download())
+    return Message(RecordDict({RECORD: ConfigRecord({
+        "client": site.client.cid, "accuracy": float(scores["test_accuracy"]),
+        "loss": float(scores["test_loss"])})}), reply_to=msg)

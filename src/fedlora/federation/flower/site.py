@@ -17,17 +17,20 @@ composed over every step the site ever took, exactly as one continuous accountan
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from fedlora.config import Config
-from fedlora.data.sources import load_dataset
+from fedlora.data.sources import TextDataset, load_dataset, split_holdout
 from fedlora.errors import ConfigError, DataError
-from fedlora.experiment import build_base, build_client, build_trainer, load_data, split_data
+from fedlora.experiment import Base, build_base, build_client, build_trainer, load_data, split_data
 from fedlora.federation.client import Client, LocalTrainer
+from fedlora.federation.evaluate import Evaluator
 from fedlora.federation.flower.messages import SiteFacts
 from fedlora.federation.wire import decode_state, encode_state
 from fedlora.methods import get_method
+from fedlora.methods.base import State
+from fedlora.seeding import derive_seed
 
 STATE = "fedlora-site"
 DEMO_KEYS = ("partition-id", "num-partitions")
@@ -57,23 +60,46 @@ def _check_keys(node_config: Mapping[str, Any]) -> None:
                           f"{', '.join(DEMO_KEYS + OWN_KEYS)}")
 
 
-def site_examples(config: Config, node_config: Mapping[str, Any]) -> tuple[int, list[str], list[str]]:
-    """(client id, texts, label names per text) of this site's training data."""
+@dataclass
+class SiteData:
+    """A site's examples as (text, label name) lists: what it trains on, and — for personalised
+    methods — its own held-out part, on which its own model is scored."""
+
+    client: int
+    texts: list[str]
+    labels: list[str]
+    test_texts: list[str] = field(default_factory=list)
+    test_labels: list[str] = field(default_factory=list)
+
+
+def site_examples(config: Config, node_config: Mapping[str, Any]) -> SiteData:
+    """This site's data, split as the simulation splits it (personalised: a held-out part)."""
     cid = client_id(node_config, config)
+    personalised = get_method(config.method).personalised
     if "data-path" in node_config:
         d = config.data
         data = load_dataset(str(node_config["data-path"]),
                             text_column=str(node_config.get("text-column", d.text_column)),
                             label_column=str(node_config.get("label-column", d.label_column)))
-        return cid, data.texts, [data.label_names[y] for y in data.labels]
+        train, test = list(range(len(data))), []
+        if personalised:  # as the simulation holds out part of each client's examples
+            train, test = split_holdout(data.labels, d.test_fraction, derive_seed(config.seed, "test", cid))
+        return _pick(cid, data, train, test)
     parts = node_config.get("num-partitions")
     if parts != config.federation.clients:
         raise ConfigError(f"node config: num-partitions={parts!r} but the run has federation.clients="
                           f"{config.federation.clients} — start every SuperNode with "
                           f"num-partitions={config.federation.clients}")
     dataset = load_data(config)  # the shared demo set, split exactly as the simulation does
-    part = split_data(dataset, config, get_method(config.method).personalised).clients[cid]
-    return cid, [dataset.texts[i] for i in part], [dataset.label_names[dataset.labels[i]] for i in part]
+    split = split_data(dataset, config, personalised)
+    test = split.client_test[cid] if split.client_test is not None else []
+    return _pick(cid, dataset, split.clients[cid], test)
+
+
+def _pick(cid: int, data: TextDataset, train: list[int], test: list[int]) -> SiteData:
+    name = lambda i: data.label_names[data.labels[i]]  # noqa: E731
+    return SiteData(cid, [data.texts[i] for i in train], [name(i) for i in train],
+                    [data.texts[i] for i in test], [name(i) for i in test])
 
 
 @dataclass
@@ -81,19 +107,36 @@ class Site:
     client: Client
     trainer: LocalTrainer
     label_names: list[str]
+    base: Base
+    test_tokens: list[list[int]]
+    test_labels: list[int]
+    eval_batch_size: int
 
     @classmethod
     def build(cls, config: Config, node_config: Mapping[str, Any], label_names: list[str]) -> "Site":
         """`label_names` are the server's: a site's labels are numbered by name, as the server's."""
-        cid, texts, names = site_examples(config, node_config)
-        unknown = sorted(set(names) - set(label_names))
+        data = site_examples(config, node_config)
+        unknown = sorted(set(data.labels + data.test_labels) - set(label_names))
         if unknown:
-            raise DataError(f"site {cid}: labels {unknown} are not among the run's labels "
+            raise DataError(f"site {data.client}: labels {unknown} are not among the run's labels "
                             f"{label_names} — relabel the site's data")
         index = {n: i for i, n in enumerate(label_names)}
         base = build_base(config, len(label_names))
-        client = build_client(config, cid, base.encode(texts, config), [index[n] for n in names])
-        return cls(client, build_trainer(config, base), list(label_names))
+        client = build_client(config, data.client, base.encode(data.texts, config),
+                              [index[n] for n in data.labels])
+        return cls(client, build_trainer(config, base), list(label_names), base,
+                   base.encode(data.test_texts, config) if data.test_texts else [],
+                   [index[n] for n in data.test_labels], config.train.eval_batch_size)
+
+    def evaluate(self, download: State) -> dict[str, float]:
+        """This client's own model (its personal tensors + the download) on its held-out part."""
+        if not self.test_tokens:
+            raise DataError(f"site {self.client.cid} has no held-out examples to score its model on")
+        base, cid = self.base, self.client.cid
+        own = base.method.client_state(base.initial, self.client.personal, download, cid)
+        scorer = Evaluator(base.handle, base.initial, self.test_tokens, self.test_labels,
+                           base.pad_id, self.eval_batch_size, "test", view=lambda glob: own)
+        return scorer(None)
 
     @property
     def facts(self) -> SiteFacts:

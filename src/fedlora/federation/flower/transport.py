@@ -129,6 +129,31 @@ class FlowerTransport:
         replies.sort(key=lambda r: r.client)  # aggregation order as in the simulation
         return Exchange(replies, sent, received, failed)
 
+    # ---------------------------------------------------------------- personalised scores
+    def evaluate_sites(self, downloads: dict[int, State]) -> dict[int, tuple[float, float]]:
+        """Each site scores its own model (its personal tensors + `downloads[c]`) on its own
+        held-out examples: client → (accuracy, loss). Sites that fail are logged and left out.
+        This traffic is evaluation, not training: it is not in the byte counts."""
+        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+        messages = {cid: Message(RecordDict({RECORD: ConfigRecord(train_record(
+                        -1, cid, encode_state(state), self.label_names))}),
+                        dst_node_id=self.nodes[cid], message_type=MessageType.EVALUATE)
+                    for cid, state in downloads.items() if cid in self.nodes}
+        answers = list(self.grid.send_and_receive(list(messages.values()), timeout=self.round_timeout))
+        client_of = {m.metadata.message_id: cid for cid, m in messages.items()}
+        scores = {}
+        for msg in answers:
+            cid = client_of.get(msg.metadata.reply_to_message_id)
+            if cid is None:
+                continue
+            if msg.has_error():
+                self.say(f"client {cid} could not score its model — {msg.error.reason}")
+                continue
+            record = msg.content.config_records[RECORD]
+            scores[cid] = (float(record["accuracy"]), float(record["loss"]))
+        return scores
+
     def client_facts(self) -> list[dict]:
         """Per client id, what the summary reports (None for a site never heard from)."""
         out = []
@@ -138,3 +163,18 @@ class FlowerTransport:
                         "sample_rate": f.sample_rate if f else None,
                         "steps": self.steps.get(cid), "size": f.num_examples if f else None})
         return out
+
+
+def personalised_evaluation(transport: FlowerTransport, method, num_clients: int):
+    """`evaluate(glob)` for personalised methods, as `PersonalisedEvaluation` reports it: the
+    unweighted mean over the clients that answered, and per-client lists (None: no answer)."""
+    def evaluate(glob) -> dict:
+        scores = transport.evaluate_sites({c: method.download(glob, c) for c in range(num_clients)})
+        acc = [scores[c][0] if c in scores else None for c in range(num_clients)]
+        loss = [scores[c][1] if c in scores else None for c in range(num_clients)]
+        got_acc, got_loss = [a for a in acc if a is not None], [x for x in loss if x is not None]
+        if not got_acc:
+            return {}
+        return {"test_accuracy": sum(got_acc) / len(got_acc), "test_loss": sum(got_loss) / len(got_loss),
+                "test_accuracy_per_client": acc, "test_loss_per_client": loss}
+    return evaluate
