@@ -246,3 +246,22 @@ def test_too_few_sites_connected(tiny_overrides, tmp_path):
     transport = FlowerTransport(grid, ["neg", "pos"], 3, 5.0, say=lambda s: None)
     with pytest.raises(FederationError, match="only 1 of 3 sites connected"):
         transport.connect(0.1, 3)
+
+
+def test_connection_is_added_next_to_flowers_defaults(tmp_path):
+    from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
+    from flwr.cli.flower_config import read_superlink_connection
+
+    (tmp_path / "config.toml").write_text(DEFAULT_FLOWER_CONFIG_TOML)  # what flwr writes first
+    deploy.write_connection(tmp_path, "localhost", "127.0.0.1:9999", root_certificates="ca.crt")
+    raw = tomllib.loads((tmp_path / "config.toml").read_text())
+    assert raw["superlink"]["default"] == "local" and "supergrid" in raw["superlink"]
+    import os
+
+    old = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = str(tmp_path)
+    try:
+        conn = read_superlink_connection("localhost")  # Flower's own reader accepts it
+    finally:
+        os.environ.pop("FLWR_HOME") if old is None else os.environ.__setitem__("FLWR_HOME", old)
+    assert conn.address == "127.0.0.1:9999" and conn.root_certificates.endswith("ca.crt")

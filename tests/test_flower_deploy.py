@@ -104,7 +104,7 @@ def test_a_killed_site_does_not_stop_the_run(deployment, tiny_overrides, tmp_pat
     deploy.write_connection(d.home, "local", d.address)
     out = tmp_path / "flower"
     app = deploy.write_app(d.root / "app", config, out, round_timeout=300, connect_timeout=120)
-    run = d.start("flwr-run", [str(Path(deploy._exe("flwr"))), "run", str(app), "local", "--stream"])
+    run = d.start("flwr-run", [str(Path(deploy.executable("flwr"))), "run", str(app), "local", "--stream"])
 
     def round_one_done() -> bool:
         return any(len(_records(p.parent)) >= 1 for p in tmp_path.glob(".flower.tmp-*/metrics.jsonl"))

@@ -69,17 +69,27 @@ def write_app(folder: str | Path, config: Config, out: str | Path, *, test_path:
 
 def write_connection(flwr_home: str | Path, name: str, address: str, *,
                      root_certificates: str | None = None) -> Path:
-    """A SuperLink connection in `$FLWR_HOME/config.toml`, for `flwr run DIR <name>`."""
-    home = Path(flwr_home)
-    home.mkdir(parents=True, exist_ok=True)
-    path = home / "config.toml"
-    security = (f"root-certificates = {json.dumps(str(Path(root_certificates).absolute()))}"
-                if root_certificates else "insecure = true")
-    text = path.read_text(encoding="utf-8") if path.exists() else f'[superlink]\ndefault = "{name}"\n'
-    if f"[superlink.{name}]" in text:
-        raise ConfigError(f"{path} already has a connection named '{name}' — choose another name")
-    text += f'\n[superlink.{name}]\naddress = "{address}"\n{security}\n'
-    path.write_text(text, encoding="utf-8")
+    """Set the SuperLink connection `name` in `$FLWR_HOME/config.toml` (other entries kept; one
+    of the same name replaced), for `flwr run DIR <name>`."""
+    import tomllib
+
+    import tomli_w  # installed with flwr
+
+    path = Path(flwr_home) / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML ({err}) — fix or remove it") from None
+    links = data.setdefault("superlink", {})
+    links.setdefault("default", name)
+    entry = {"address": address}
+    if root_certificates:
+        entry["root-certificates"] = str(Path(root_certificates).absolute())
+    else:
+        entry["insecure"] = True
+    links[name] = entry
+    path.write_text(tomli_w.dumps(data), encoding="utf-8")
     return path
 
 
@@ -87,7 +97,7 @@ def superlink_command(*, port: int, host: str = "127.0.0.1", tls_dir: str | None
                       auth: bool = False, extra: list[str] | None = None) -> list[str]:
     """`flower-superlink`, never installing app dependencies. `tls_dir` holds ca.crt,
     server.pem, server.key (as `fedlora flower certs` writes them); None = insecure."""
-    cmd = [_exe("flower-superlink"), "--host", host, "--port", str(port),
+    cmd = [executable("flower-superlink"), "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
     if tls_dir:
         d = Path(tls_dir)
@@ -103,7 +113,7 @@ def superlink_command(*, port: int, host: str = "127.0.0.1", tls_dir: str | None
 def supernode_command(*, superlink: str, port: int, node_config: dict, root_certificates: str | None = None,
                       auth_key: str | None = None, extra: list[str] | None = None) -> list[str]:
     """`flower-supernode` for one site; `port` is its local ClientApp API port (one per node)."""
-    cmd = [_exe("flower-supernode"), "--superlink", superlink, "--port", str(port),
+    cmd = [executable("flower-supernode"), "--superlink", superlink, "--port", str(port),
            "--node-config", node_config_text(node_config)]
     cmd += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
     if auth_key:
@@ -116,7 +126,7 @@ def node_config_text(values: dict) -> str:
     return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in values.items())
 
 
-def _exe(name: str) -> str:
+def executable(name: str) -> str:
     """Flower's console script next to this Python (a virtualenv's bin), else on PATH."""
     import sys
 
