@@ -265,3 +265,16 @@ def test_connection_is_added_next_to_flowers_defaults(tmp_path):
     finally:
         os.environ.pop("FLWR_HOME") if old is None else os.environ.__setitem__("FLWR_HOME", old)
     assert conn.address == "127.0.0.1:9999" and conn.root_certificates.endswith("ca.crt")
+
+
+def test_superlink_never_installs_dependencies_and_supernode_is_told_its_site():
+    link = deploy.superlink_command(port=9999, tls_dir="/certs", auth=True)
+    assert "--disable-runtime-dependency-installation" in link and "--insecure" not in link
+    assert link[link.index("--ssl-ca-certfile") + 1] == "/certs/ca.crt" and "--enable-supernode-auth" in link
+    node = deploy.supernode_command(superlink="127.0.0.1:9999", port=9101,
+                                    node_config={"data-path": "/d/site a.csv", "client-id": 2})
+    assert "--allow-runtime-dependency-installation" not in node and "--insecure" in node
+    from flwr.common.config import parse_config_args  # how the SuperNode reads --node-config
+
+    text = node[node.index("--node-config") + 1]
+    assert parse_config_args([text]) == {"data-path": "/d/site a.csv", "client-id": 2}
