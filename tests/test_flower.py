@@ -23,7 +23,6 @@ from safetensors.torch import load_file  # noqa: E402
 import fedlora  # noqa: E402
 from fedlora.config import load_config  # noqa: E402
 from fedlora.errors import ConfigError, FederationError  # noqa: E402
-from fedlora.experiment import build_experiment  # noqa: E402
 from fedlora.federation.client import ClientReply  # noqa: E402
 from fedlora.federation.flower import client_app, deploy, messages, site  # noqa: E402
 from fedlora.federation.flower.runconfig import read_run_config  # noqa: E402

@@ -22,11 +22,11 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from fedlora import report  # noqa: E402
 from fedlora.api import ServerSide, execute  # noqa: E402
 from fedlora.config import Config  # noqa: E402
-from fedlora.methods import get_method  # noqa: E402
 from fedlora.data.sources import TextDataset, load_dataset  # noqa: E402
 from fedlora.experiment import build_base, build_evaluators, load_data, split_data  # noqa: E402
 from fedlora.federation.flower.runconfig import FlowerRun, read_run_config  # noqa: E402
 from fedlora.federation.flower.transport import FlowerTransport, personalised_evaluation  # noqa: E402
+from fedlora.methods import get_method  # noqa: E402
 from fedlora.outputs import RunFolder, default_out_dir  # noqa: E402
 
 app = ServerApp()
