@@ -277,3 +277,16 @@ def test_superlink_never_installs_dependencies_and_supernode_is_told_its_site():
 
     text = node[node.index("--node-config") + 1]
     assert parse_config_args([text]) == {"data-path": "/d/site a.csv", "client-id": 2}
+
+
+def test_cli_app_takes_overrides_after_options(tmp_path, tiny_overrides):
+    from fedlora.cli import main
+
+    folder = tmp_path / "app"
+    assert main(["flower", "app", str(folder), "--out", str(tmp_path / "run"), *tiny_overrides,
+                 "federation.rounds=3"]) == 0
+    raw = tomllib.loads((folder / "pyproject.toml").read_text())
+    run = read_run_config(raw["tool"]["flwr"]["app"]["config"])
+    assert run.config == load_config(None, tiny_overrides + ["federation.rounds=3"])
+    with pytest.raises(SystemExit):
+        main(["flower", "app", str(folder), "--bogus"])

@@ -29,7 +29,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # `cmd DIR --opt X key=value`: argparse stops filling a positional list at the first option,
+    # so overrides given after options arrive here; take them if they look like overrides.
+    if extra and getattr(args, "overrides", None) is not None and all(
+            "=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _dispatch(args)
     except FedloraError as err:
