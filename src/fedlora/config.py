@@ -35,6 +35,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class ModelConfig:
     path: str = _f("all-MiniLM-L6-v2", "shipped model name or a Hugging Face model folder")
     max_length: int = _f(64, "tokens kept per text (the shipped snippets are at most ~70 tokens)")
+    pooling: str = _f("auto", "classifier input: auto (the checkpoint's own pooling), cls, mean, "
+                      "mean_normalized")
 
 
 @dataclass
@@ -257,6 +259,8 @@ def validate(config: Config) -> None:
     c = config
     _check(c.seed >= 0, "seed must be ≥ 0")
     _check(c.threads >= 0, "threads must be ≥ 0 (0 = all cores)")
+    _check(c.model.pooling in ("auto", "cls", "mean", "mean_normalized"),
+           f"model.pooling must be auto, cls, mean or mean_normalized, got '{c.model.pooling}'")
     _check(c.model.max_length >= 8, "model.max_length must be ≥ 8 tokens")
     _check(0 < c.data.test_fraction < 1, "data.test_fraction must be in (0, 1), e.g. 0.2")
     _check(0 <= c.data.validation_fraction < 1, "data.validation_fraction must be in [0, 1)")

@@ -131,7 +131,8 @@ def build_base(config: Config, num_labels: int, method: Method | None = None) ->
     model_path = resolve_model_path(config.model.path)
     tokenizer = load_tokenizer(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model = attach_lora(load_classifier(model_path, num_labels, config.seed), config.method, config.seed)
+    model = attach_lora(load_classifier(model_path, num_labels, config.seed, config.model.pooling),
+                        config.method, config.seed)
     handle = AdapterHandle.of(model)
     return Base(model, handle, handle.state(), method or get_method(config.method), tokenizer, pad_id,
                 model_path)

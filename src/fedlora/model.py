@@ -76,17 +76,33 @@ def load_tokenizer(path: str):
         raise ModelError(f"model.path: no usable tokenizer in '{path}' ({_first_line(err)})") from None
 
 
-def load_classifier(path: str, num_labels: int, seed: int) -> nn.Module:
-    """The pre-trained encoder with a fresh classification head, initialised from `seed`."""
-    from transformers import AutoModelForSequenceClassification
+def load_classifier(path: str, num_labels: int, seed: int, pooling: str = "auto") -> nn.Module:
+    """The pre-trained encoder with a fresh classification head, initialised from `seed`.
+
+    `pooling`: "cls" — the model's own sequence-classification head (transformers'
+    `AutoModelForSequenceClassification`); "mean" / "mean_normalized" — a linear head on the
+    (L2-normalised) mean of the token states (`fedlora.pooling.MeanPoolingClassifier`); "auto" —
+    what the checkpoint's own sentence-transformers pipeline says (mean + normalise for the
+    shipped model), else "cls".
+    """
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from fedlora.pooling import MeanPoolingClassifier, resolve_pooling
 
     _quiet_transformers()
     _check_config(path)
-    torch.manual_seed(derive_seed(seed, "head"))
+    mode = resolve_pooling(pooling, path)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=torch.float32
-        )
+        if mode.startswith("mean"):
+            encoder = AutoModel.from_pretrained(path, dtype=torch.float32, add_pooling_layer=False) \
+                if _is_bert_like(path) else AutoModel.from_pretrained(path, dtype=torch.float32)
+            torch.manual_seed(derive_seed(seed, "head"))
+            model = MeanPoolingClassifier(encoder, num_labels, path, normalize=mode == "mean_normalized")
+        else:
+            torch.manual_seed(derive_seed(seed, "head"))
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, dtype=torch.float32
+            )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelError(
             f"model.path: '{path}' cannot be loaded as a sequence classifier ({_first_line(err)}) — "
@@ -94,6 +110,15 @@ def load_classifier(path: str, num_labels: int, seed: int) -> nn.Module:
         ) from None
     model.eval()
     return model
+
+
+def _is_bert_like(path: str) -> bool:
+    """BERT-family encoders build an unused pooler unless told not to."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return config.get("model_type") in ("bert", "roberta", "xlm-roberta", "electra", "camembert")
 
 
 def _check_config(path: str) -> None:
@@ -249,7 +274,7 @@ def apply_base_delta(model: nn.Module, path: str | Path) -> nn.Module:
     """W ← W + Δ for every tensor in `base_delta.safetensors`, on a plain (un-PEFTed) model.
 
     Load an exported run whose method changes base weights (FedEx-LoRA, FLoRA, full) with:
-    `apply_base_delta(AutoModelForSequenceClassification.from_pretrained(base, num_labels=k),
+    `apply_base_delta(load_classifier(base, num_labels=k, seed=0),
     run / "base_delta.safetensors")`, then `PeftModel.from_pretrained(that, run / "adapter")`.
     """
     from safetensors.torch import load_file
