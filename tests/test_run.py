@@ -44,7 +44,7 @@ def test_run_folder_is_complete(ffa_run):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["round"] for x in lines] == [1, 2]
     assert all(METRIC_KEYS <= set(x) for x in lines)
-    assert not list(out.parent.glob(".*tmp-*")), "the temporary folder must be gone"
+    assert not list(out.parent.glob("*.partial")), "the in-progress folder must be gone"
     # the resolved config reproduces itself
     assert load_config(out / "config.toml") == load_config(None, ffa_run[2])
 

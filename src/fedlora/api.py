@@ -6,18 +6,21 @@ import copy
 import dataclasses
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from fedlora import report
 from fedlora.config import Config, apply_override, config_from_dict, config_to_toml, load_config
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.experiment import Experiment, build_experiment, majority_accuracy, partition_report
 from fedlora.federation import checkpoint as ckpt
-from fedlora.federation.server import FederationState, RoundPlan, run_rounds
+from fedlora.federation.client import Client
+from fedlora.federation.server import FederationState, RoundPlan, Transport, run_rounds
 from fedlora.federation.simulation import InProcessTransport
 from fedlora.federation.validate import UpdateValidator, template_state
-from fedlora.model import count_parameters, save_base_delta
+from fedlora.methods.base import GlobalState, Method, State
+from fedlora.model import AdapterHandle, count_parameters, save_base_delta
 from fedlora.outputs import RunFolder, default_out_dir
 from fedlora.privacy.ledger import PrivacyLedger, adopt_ledger
 
@@ -123,25 +126,59 @@ def _resolve(config, overrides) -> Config:
 
 def _execute(exp: Experiment, folder: RunFolder, say, start: float,
              saved: ckpt.Checkpoint | None) -> dict[str, Any]:
-    config = exp.config
+    if not folder.resuming:
+        folder.write_json("partition.json", partition_report(exp))
+    server = ServerSide(exp.config, exp.method, exp.trainer.handle, exp.initial, exp.evaluate,
+                        majority_accuracy(exp))
+    transport = InProcessTransport(exp.trainer, exp.clients)
+    return execute(server, transport, folder, say, start,
+                   lambda: [client_facts(c) for c in exp.clients], exp.clients, saved)
+
+
+@dataclass
+class ServerSide:
+    """What the server holds: the method, the adapter every client starts from, the model it
+    evaluates on its own held-out data. Never any client's training data."""
+
+    config: Config
+    method: Method
+    handle: AdapterHandle
+    initial: State
+    evaluate: Callable[[GlobalState], dict[str, float]]
+    majority_accuracy: float | None = None
+
+
+def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, start: float,
+            facts: Callable[[], list[dict]], clients: Sequence[Client] = (),
+            saved: ckpt.Checkpoint | None = None) -> dict[str, Any]:
+    """The round loop over any transport, writing the run folder as it goes.
+
+    `facts()` gives, per client id, what the summary reports about it: its DP noise
+    multiplier, sample rate, steps taken and number of examples (None where unknown).
+    `clients` are the clients this process holds (the simulation's), for personal exports;
+    their state goes into the checkpoints and each gets a privacy ledger in the run folder.
+    `saved` is the checkpoint to continue from. Replies are validated against what the method
+    expects before they are aggregated, whatever the transport.
+    """
+    config = server.config
     if not folder.resuming:
         folder.write_text("config.toml", config_to_toml(config))
-        folder.write_json("partition.json", partition_report(exp))
     f = config.federation
     plan = RoundPlan(f.rounds, f.clients, f.clients_per_round, f.eval_every, config.seed,
-                     checkpoint_every=f.checkpoint_every, on_bad_update=f.on_bad_update)
-    folder.path("ledger").mkdir(exist_ok=True)
+                     f.min_clients, checkpoint_every=f.checkpoint_every,
+                     on_bad_update=f.on_bad_update)
     if saved is not None:
-        state = ckpt.restore(saved, exp.clients)
+        state = ckpt.restore(saved, clients)
         say(f"resuming after round {saved.round} of {f.rounds} from {folder.partial}")
     else:
-        state = FederationState(glob=exp.method.init_global(exp.initial))
-    for client in exp.clients:  # a client's ε never goes below what its ledger says it spent
+        state = FederationState(glob=server.method.init_global(server.initial))
+    if clients:
+        folder.path("ledger").mkdir(exist_ok=True)
+    for client in clients:  # a client's ε never goes below what its ledger says it spent
         client.ledger = PrivacyLedger(folder.path(f"ledger/client-{client.cid}.json"))
         adopt_ledger(client.ledger, client.privacy.accountant)
     folder.write_jsonl("metrics.jsonl", state.history)  # drops lines past the checkpoint
-    transport = InProcessTransport(exp.trainer, exp.clients)
-    validator = UpdateValidator(exp.method, template_state(exp.trainer.handle, exp.initial),
+    validator = UpdateValidator(server.method, template_state(server.handle, server.initial),
                                 f.max_update_norm)
 
     def on_round(record: dict) -> None:
@@ -149,75 +186,87 @@ def _execute(exp: Experiment, folder: RunFolder, say, start: float,
         say(report.round_line(record, config))
 
     def save(state: FederationState) -> None:
-        ckpt.save_checkpoint(folder.path(ckpt.FILENAME), config, state, exp.clients)
-        for client in exp.clients:
+        ckpt.save_checkpoint(folder.path(ckpt.FILENAME), config, state, clients)
+        for client in clients:
             client.ledger.forget_before(len(state.history))
 
-    run_rounds(exp.method, state, transport, plan, exp.evaluate, on_round,
+    run_rounds(server.method, state, transport, plan, server.evaluate, on_round,
                validator=validator, checkpoint=save)
-    export_adapter(exp, state, folder.path("adapter"))
-    summary = build_summary(exp, state, time.perf_counter() - start)
+    export_adapter(server, state, folder.path("adapter"), clients)
+    summary = build_summary(server, state, facts(), time.perf_counter() - start)
     folder.write_json("summary.json", summary)
     folder.path(ckpt.FILENAME).unlink(missing_ok=True)  # the results supersede it
     return summary
 
 
-def export_adapter(exp: Experiment, state: FederationState, path: Path) -> None:
+def client_facts(client: Client) -> dict:
+    return {"noise_multiplier": client.privacy.noise_multiplier,
+            "sample_rate": client.privacy.sample_rate, "steps": client.steps,
+            "size": client.num_examples}
+
+
+def export_adapter(server: ServerSide, state: FederationState, path: Path,
+                   clients: Sequence[Client] = ()) -> None:
     """The global adapter (LoRA A, B and the head) in PEFT's format, loadable with
     `PeftModel.from_pretrained(base, path)`.
 
     Methods that change base weights (FedEx-LoRA, FLoRA, full) also write
     `base_delta.safetensors` next to `adapter/`: Δ keyed by the plain model's parameter names,
     to add to the base before loading the adapter (`fedlora.model.apply_base_delta`).
-    Personalised methods also write each client's own adapter to `clients/<k>/adapter`.
+    Personalised methods also write each client's own adapter to `clients/<k>/adapter`, for
+    the clients this process holds (all of them in simulation; none on a Flower server, where
+    personal tensors never leave their sites).
     """
-    glob = state.glob
-    handle = exp.trainer.handle
-    handle.install({**exp.initial, **glob.tensors()})
-    exp.model.save_pretrained(str(path))
+    glob, method = state.glob, server.method
+    handle = server.handle
+    handle.install({**server.initial, **glob.tensors()})
+    handle.model.save_pretrained(str(path))
     if glob.base_delta:
         save_base_delta(glob.base_delta, path.parent / "base_delta.safetensors")
-    if exp.method.personalised:
-        for client in exp.clients:
-            handle.install(exp.method.client_state(
-                exp.initial, client.personal, exp.method.download(glob, client.cid), client.cid))
-            exp.model.save_pretrained(str(path.parent / "clients" / str(client.cid) / "adapter"))
-    handle.install({**exp.initial, **glob.tensors()})
+    if method.personalised:
+        for client in clients:
+            handle.install(method.client_state(
+                server.initial, client.personal, method.download(glob, client.cid), client.cid))
+            handle.model.save_pretrained(str(path.parent / "clients" / str(client.cid) / "adapter"))
+    handle.install({**server.initial, **glob.tensors()})
 
 
-def build_summary(exp: Experiment, state: FederationState, seconds: float) -> dict[str, Any]:
-    config, last = exp.config, (state.history[-1] if state.history else {})
+def build_summary(server: ServerSide, state: FederationState, facts: list[dict],
+                  seconds: float) -> dict[str, Any]:
+    config, last = server.config, (state.history[-1] if state.history else {})
     evaluated = [h for h in state.history if h.get("test_accuracy") is not None]
     final = evaluated[-1] if evaluated else {}
-    shapes = exp.trainer.handle.shapes()
-    trained = sum(math.prod(s) for k, s in shapes.items() if exp.method.trainable(k, 0))
+    shapes = server.handle.shapes()
+    trained = sum(math.prod(s) for k, s in shapes.items() if server.method.trainable(k, 0))
+    column = lambda key: [c.get(key) for c in facts]  # noqa: E731
     return {
         "method": config.method.name,
         "test_accuracy": final.get("test_accuracy"),
         "test_loss": final.get("test_loss"),
         "test_accuracy_per_client": final.get("test_accuracy_per_client"),
         "validation_accuracy": final.get("validation_accuracy"),
-        "majority_accuracy": majority_accuracy(exp),
+        "majority_accuracy": server.majority_accuracy,
         "epsilon": max(state.epsilon.values(), default=0.0),
         "epsilon_target": config.privacy.epsilon,
-        "epsilon_per_client": [state.epsilon.get(c.cid, 0.0) for c in exp.clients],
+        "epsilon_per_client": [state.epsilon.get(c, 0.0) for c in range(len(facts))],
         "delta": config.privacy.delta,
         "accountant": config.privacy.accountant,
         "clip": config.privacy.clip,
-        "noise_multiplier": [c.privacy.noise_multiplier for c in exp.clients],
-        "sample_rates": [c.privacy.sample_rate for c in exp.clients],
-        "steps": [c.steps for c in exp.clients],
-        "client_sizes": [c.num_examples for c in exp.clients],
+        "noise_multiplier": column("noise_multiplier"),
+        "sample_rates": column("sample_rate"),
+        "steps": column("steps"),
+        "client_sizes": column("size"),
         "rounds": len(state.history),
         "rounds_planned": config.federation.rounds,
         "clients": config.federation.clients,
         "bytes_uploaded": state.bytes_uploaded,
         "bytes_downloaded": state.bytes_downloaded,
         "trainable_parameters": trained,
-        "adapter_parameters": count_parameters(exp.initial),
+        "adapter_parameters": count_parameters(server.initial),
         "refused": {str(k): v for h in state.history for k, v in h.get("refused", {}).items()},
         "rejected": {f"round {h['round']}, client {k}": v for h in state.history
                      for k, v in h.get("rejected", {}).items()},
+        "failed": {str(k): v for h in state.history for k, v in h.get("failed", {}).items()},
         "seed": config.seed,
         "wall_seconds": round(seconds, 2),
         "private": not math.isinf(config.privacy.epsilon),

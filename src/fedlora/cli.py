@@ -25,11 +25,22 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved config as TOML")
     show.add_argument("--config")
     show.add_argument("overrides", nargs="*", metavar="section.key=value")
+    from fedlora.federation.flower.cli import add_parser as add_flower
+
+    add_flower(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # `cmd DIR --opt X key=value`: argparse stops filling a positional list at the first option,
+    # so overrides given after options arrive here; take them if they look like overrides.
+    if extra and getattr(args, "overrides", None) is not None and all(
+            "=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _dispatch(args)
     except FedloraError as err:
@@ -57,6 +68,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         for name in available_methods():
             print(f"{name:10s} {method_class(name).__doc__.strip().splitlines()[0]}")
         return 0
+    if args.command == "flower":
+        from fedlora.federation.flower.cli import dispatch
+
+        return dispatch(args)
     from fedlora.config import config_to_toml, load_config
 
     if args.command == "config":

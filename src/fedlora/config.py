@@ -62,6 +62,10 @@ class FederationConfig:
     local_steps: int = _f(4, "DP-SGD steps each client takes per round")
     clients_per_round: int = _f(0, "clients sampled each round (0 = all)")
     eval_every: int = _f(1, "evaluate the global model every k rounds (and always after the last)")
+    min_clients: int = _f(
+        1, "a round goes on with the sites that answered if at least this many did (Flower: a "
+           "site that fails or disconnects is logged and skipped); fewer stops the run"
+    )
     checkpoint_every: int = _f(
         1, "write a resumable checkpoint every k rounds (and after the last); 0 = never")
     on_bad_update: str = _f(
@@ -283,6 +287,9 @@ def validate(config: Config) -> None:
     _check(0 <= f.clients_per_round <= f.clients,
            f"federation.clients_per_round must be in [0, {f.clients}] (0 = all clients)")
     _check(f.eval_every >= 1, "federation.eval_every must be ≥ 1")
+    per_round = f.clients_per_round or f.clients
+    _check(1 <= f.min_clients <= per_round,
+           f"federation.min_clients must be in [1, {per_round}] (the clients asked each round)")
     _check(f.checkpoint_every >= 0, "federation.checkpoint_every must be ≥ 0 (0 = never)")
     _check(f.on_bad_update in BAD_UPDATE,
            f"federation.on_bad_update must be one of {', '.join(BAD_UPDATE)}, got '{f.on_bad_update}'")

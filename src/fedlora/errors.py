@@ -23,3 +23,7 @@ class ModelError(FedloraError):
 
 class PrivacyBudgetExhausted(FedloraError):
     """A client would exceed its (epsilon, delta) budget by training further."""
+
+
+class FederationError(FedloraError):
+    """Too few sites answered, or a site's reply or setup does not fit the run."""

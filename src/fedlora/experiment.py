@@ -107,39 +107,82 @@ def load_data(config: Config) -> TextDataset:
     return dataset
 
 
-def build_experiment(config: Config) -> Experiment:
+@dataclass
+class Base:
+    """What every process of a run builds for itself: the frozen base model with LoRA attached
+    (A and the head drawn from the run's seed, so every process holds the identical initial
+    adapter), the tokenizer's padding id, and the method."""
+
+    model: torch.nn.Module
+    handle: AdapterHandle
+    initial: State
+    method: Method
+    tokenizer: object
+    pad_id: int
+    model_path: str
+
+    def encode(self, texts: list[str], config: Config) -> list[list[int]]:
+        return encode(self.tokenizer, texts, config.model.max_length)
+
+
+def build_base(config: Config, num_labels: int, method: Method | None = None) -> Base:
     if config.threads:
         torch.set_num_threads(config.threads)
+    model_path = resolve_model_path(config.model.path)
+    tokenizer = load_tokenizer(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model = attach_lora(load_classifier(model_path, num_labels, config.seed, config.model.pooling),
+                        config.method, config.seed)
+    handle = AdapterHandle.of(model)
+    return Base(model, handle, handle.state(), method or get_method(config.method), tokenizer, pad_id,
+                model_path)
+
+
+def build_trainer(config: Config, base: Base) -> LocalTrainer:
+    return LocalTrainer(base.model, base.method, config.train, config.federation.local_steps,
+                        base.pad_id, base.initial)
+
+
+def build_client(config: Config, cid: int, token_ids: list[list[int]], labels: list[int]) -> Client:
+    """One data owner with its DP plan: σ calibrated for every round it could take part in."""
+    f = config.federation
+    privacy = plan_client_privacy(config.privacy, len(labels), config.train.batch_size,
+                                  f.rounds * f.local_steps)
+    return Client(cid=cid, token_ids=token_ids, labels=labels, privacy=privacy, seed=config.seed)
+
+
+def build_evaluators(config: Config, base: Base, dataset: TextDataset,
+                     held_out: dict[str, list[int]], tokens: dict[int, list[int]]) -> list[Evaluator]:
+    """The global model on held-out examples: one evaluator per non-empty `{prefix: positions}`."""
+    return [Evaluator(base.handle, base.initial, [tokens[i] for i in idx],
+                      [dataset.labels[i] for i in idx], base.pad_id,
+                      config.train.eval_batch_size, prefix)
+            for prefix, idx in held_out.items() if idx]
+
+
+def build_experiment(config: Config) -> Experiment:
+    """The in-process simulation: the server side and every client, in one process."""
     dataset = load_data(config)
     method = get_method(config.method)
     split = split_data(dataset, config, method.personalised)
     _check_labels_seen(dataset, split)
-    model_path = resolve_model_path(config.model.path)
-    tokenizer = load_tokenizer(model_path)
-    tokens = encode(tokenizer, dataset.texts, config.model.max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model = attach_lora(load_classifier(model_path, dataset.num_labels, config.seed, config.model.pooling),
-                        config.method, config.seed)
-    handle = AdapterHandle.of(model)
-    initial = handle.state()
-    trainer = LocalTrainer(model, method, config.train, config.federation.local_steps, pad_id, initial)
-    clients = _make_clients(config, dataset, split, tokens)
+    base = build_base(config, dataset.num_labels, method)
+    tokens = dict(enumerate(base.encode(dataset.texts, config)))
+    trainer = build_trainer(config, base)
+    clients = [build_client(config, cid, [tokens[i] for i in part], [dataset.labels[i] for i in part])
+               for cid, part in enumerate(split.clients)]
     if split.client_test is not None:
         evaluators = [PersonalisedEvaluation([
-            Evaluator(handle, initial, [tokens[i] for i in part], [dataset.labels[i] for i in part],
-                      pad_id, config.train.eval_batch_size, "test",
-                      view=_client_view(method, initial, client))
+            Evaluator(base.handle, base.initial, [tokens[i] for i in part],
+                      [dataset.labels[i] for i in part], base.pad_id,
+                      config.train.eval_batch_size, "test",
+                      view=_client_view(method, base.initial, client))
             for client, part in zip(clients, split.client_test)])]
     else:
-        evaluators = [Evaluator(handle, initial, [tokens[i] for i in split.test],
-                                [dataset.labels[i] for i in split.test], pad_id,
-                                config.train.eval_batch_size, "test")]
-    if split.validation:
-        evaluators.append(Evaluator(handle, initial, [tokens[i] for i in split.validation],
-                                    [dataset.labels[i] for i in split.validation], pad_id,
-                                    config.train.eval_batch_size, "validation"))
-    return Experiment(config, dataset, split, method, model, initial, trainer, clients,
-                      evaluators, model_path)
+        evaluators = build_evaluators(config, base, dataset, {"test": split.test}, tokens)
+    evaluators += build_evaluators(config, base, dataset, {"validation": split.validation}, tokens)
+    return Experiment(config, dataset, split, method, base.model, base.initial, trainer,
+                      clients, evaluators, base.model_path)
 
 
 def _client_view(method: Method, initial: State, client: Client):
@@ -148,18 +191,6 @@ def _client_view(method: Method, initial: State, client: Client):
         download = method.download(glob, client.cid)
         return method.client_state(initial, client.personal, download, client.cid)
     return view
-
-
-def _make_clients(config: Config, dataset: TextDataset, split: Split, tokens) -> list[Client]:
-    f = config.federation
-    planned = f.rounds * f.local_steps  # every round a client could take part in
-    clients = []
-    for cid, part in enumerate(split.clients):
-        privacy = plan_client_privacy(config.privacy, len(part), config.train.batch_size, planned)
-        clients.append(Client(cid=cid, token_ids=[tokens[i] for i in part],
-                              labels=[dataset.labels[i] for i in part], privacy=privacy,
-                              seed=config.seed))
-    return clients
 
 
 def _check_labels_seen(dataset: TextDataset, split: Split) -> None:

@@ -56,6 +56,11 @@ class RunFolder:
                 raise ConfigError(f"--out: an interrupted run is in '{self.partial}' — continue it "
                                   f"with `fedlora run --resume {self.final}`, or remove it")
 
+    @property
+    def tmp(self) -> Path:
+        """The in-progress folder (older name of `partial`)."""
+        return self.partial
+
     def open(self) -> "RunFolder":
         """Create `DIR.partial/` (fresh run) or take over the existing one (resume)."""
         if not self.resuming:
@@ -90,7 +95,7 @@ class RunFolder:
         os.replace(self.partial, self.final)
         return self.final
 
-    def abort(self, keep: bool) -> None:
+    def abort(self, keep: bool = False) -> None:
         """Leave `DIR.partial/` for `--resume` (`keep`) or remove it."""
         self._release_lock()
         if not keep:

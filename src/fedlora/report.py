@@ -52,7 +52,9 @@ def round_line(record: dict[str, Any], config: Config) -> str:
     if record.get("validation_accuracy") is not None:
         scores += f" · val acc {record['validation_accuracy']:.3f}"
     eps = f"ε {_eps(record['epsilon'])}/{_eps(config.privacy.epsilon)}" if config.private else "ε ∞"
-    refused = f" · refused: {sorted(record['refused'], key=int)}" if record.get("refused") else ""
+    refused = f" · refused: {sorted(record['refused'])}" if record.get("refused") else ""
+    if record.get("failed"):
+        refused += f" · no answer from: {sorted(record['failed'])}"
     if record.get("rejected"):  # named with the reason: an operator must see who sent what
         refused += " · rejected " + "; ".join(
             f"client {c}: {why}" for c, why in sorted(record["rejected"].items(), key=lambda x: int(x[0])))
@@ -64,13 +66,14 @@ def summary_table(s: dict[str, Any]) -> str:
     rows = [
         ("method", s["method"]),
         ("test accuracy", f"{s['test_accuracy']:.4f}" if s["test_accuracy"] is not None else "-"),
-        ("majority-class accuracy", f"{s['majority_accuracy']:.4f}"),
+        ("majority-class accuracy",
+         f"{s['majority_accuracy']:.4f}" if s.get("majority_accuracy") is not None else "-"),
         ("ε spent (max over clients)", f"{_eps(s['epsilon'])} (target {_eps(s['epsilon_target'])}, "
                                         f"δ={s['delta']:g}, {s['accountant']})"),
         ("ε per client", ", ".join(_eps(e) for e in s["epsilon_per_client"])),
-        ("noise multiplier σ", ", ".join(f"{x:.3f}" for x in s["noise_multiplier"])),
+        ("noise multiplier σ", ", ".join("-" if x is None else f"{x:.3f}" for x in s["noise_multiplier"])),
         ("rounds", f"{s['rounds']}/{s['rounds_planned']}"),
-        ("steps per client", ", ".join(map(str, s["steps"]))),
+        ("steps per client", ", ".join("-" if x is None else str(x) for x in s["steps"])),
         ("trainable parameters", f"{s['trainable_parameters']:,}"),
         ("bytes uploaded / downloaded", f"{_bytes(s['bytes_uploaded'])} / {_bytes(s['bytes_downloaded'])}"),
         ("wall time", f"{s['wall_seconds']:.1f} s"),

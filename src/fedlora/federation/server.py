@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from fedlora.errors import FedloraError
+from fedlora.errors import FederationError
 from fedlora.federation.client import ClientReply
 from fedlora.federation.validate import UpdateValidator
 from fedlora.methods.base import GlobalState, Method, State, Update
@@ -26,11 +26,13 @@ from fedlora.seeding import derive_seed
 
 @dataclass
 class Exchange:
-    """What one round's traffic returned: the replies and the bytes that crossed the wire."""
+    """What one round's traffic returned: the replies, the bytes that crossed the wire, and the
+    selected clients that never answered (client → why: failed, disconnected, timed out)."""
 
     replies: list[ClientReply]
     bytes_downloaded: int
     bytes_uploaded: int
+    failed: dict[int, str] = field(default_factory=dict)
 
 
 class Transport(Protocol):
@@ -45,11 +47,12 @@ class RoundPlan:
     clients_per_round: int  # 0 = all
     eval_every: int
     seed: int
+    min_clients: int = 1
     checkpoint_every: int = 0  # 0 = never
     on_bad_update: str = "skip"  # or "stop"
 
 
-class UpdateRejected(FedloraError):
+class UpdateRejected(FederationError):
     """A client's update failed validation and the run is configured to stop."""
 
 
@@ -91,6 +94,11 @@ def run_rounds(method: Method, state: FederationState, transport: Transport, pla
         selected = select_clients(plan, r)
         downloads = {c: method.download(state.glob, c) for c in selected}
         exchange = transport.exchange(r, downloads)
+        if len(exchange.replies) < plan.min_clients:
+            raise FederationError(
+                f"round {r + 1}: only {len(exchange.replies)} of {len(selected)} clients answered "
+                f"({_failures(exchange)}), fewer than federation.min_clients={plan.min_clients} — "
+                "restart the missing sites, or lower federation.min_clients")
         accepted, rejected = _screen(exchange.replies, downloads, validator, r)
         if rejected and plan.on_bad_update == "stop":
             cid, reason = next(iter(rejected.items()))
@@ -164,10 +172,15 @@ def _record(r, selected, exchange, accepted, rejected, state, scores, seconds) -
         "clients": selected,
         "refused": {str(rep.client): rep.refused for rep in exchange.replies if rep.refused},
         "rejected": rejected,
+        "failed": {str(c): why for c, why in exchange.failed.items()},
         "bytes_uploaded": exchange.bytes_uploaded,
         "bytes_downloaded": exchange.bytes_downloaded,
         "seconds": round(seconds, 3),
     }
+
+
+def _failures(exchange: Exchange) -> str:
+    return "; ".join(f"client {c}: {why}" for c, why in sorted(exchange.failed.items())) or "no reason given"
 
 
 def _n(state: FederationState) -> int:

@@ -1,0 +1,102 @@
+"""The ServerApp: the server side of a fedlora run, with the round loop reaching sites via Flower.
+
+It builds what the server holds — the method, the initial adapter (from the run's seed), an
+evaluator on the server's own held-out data — and runs `execute`, the same loop and run
+folder as `fedlora run`, over a `FlowerTransport`. Client training data is never read here:
+with `test-path` the server evaluates on its own file; without it (demos) it takes the held-out
+test split of the shared demo set, exactly the examples the simulation tests on. Personalised
+methods are scored by each site on its own held-out part, as the simulation scores them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from flwr.app import Context  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+
+from fedlora import report  # noqa: E402
+from fedlora.api import ServerSide, execute  # noqa: E402
+from fedlora.config import Config  # noqa: E402
+from fedlora.data.sources import TextDataset, load_dataset  # noqa: E402
+from fedlora.experiment import build_base, build_evaluators, load_data, split_data  # noqa: E402
+from fedlora.federation.flower.runconfig import FlowerRun, read_run_config  # noqa: E402
+from fedlora.federation.flower.transport import FlowerTransport, personalised_evaluation  # noqa: E402
+from fedlora.methods import get_method  # noqa: E402
+from fedlora.outputs import RunFolder, default_out_dir  # noqa: E402
+
+app = ServerApp()
+
+
+def _say(text: str) -> None:
+    from logging import INFO
+
+    from flwr.common.logger import log
+
+    for line in text.splitlines():
+        log(INFO, "%s", line)
+
+
+def held_out(config: Config, test_path: str) -> tuple[TextDataset, list[int], list[int]]:
+    """The server's evaluation data: (data set, test positions, validation positions)."""
+    if test_path:
+        d = config.data
+        data = load_dataset(test_path, text_column=d.text_column, label_column=d.label_column)
+        return data, list(range(len(data))), []
+    data = load_data(config)
+    split = split_data(data, config)
+    return data, split.test, split.validation
+
+
+def build_server(config: Config, test_path: str) -> tuple[ServerSide, list[str]]:
+    method = get_method(config.method)
+    data, test, validation = held_out(config, test_path)
+    if method.personalised:  # each site scores its own model (see personalised_evaluation)
+        test, validation = [], []
+    base = build_base(config, data.num_labels, method)
+    idx = sorted(set(test) | set(validation))
+    tokens = dict(zip(idx, base.encode([data.texts[i] for i in idx], config)))
+    evaluators = build_evaluators(config, base, data, {"test": test, "validation": validation},
+                                  tokens)
+
+    def evaluate(glob):
+        scores = {}
+        for evaluator in evaluators:
+            scores.update(evaluator(glob))
+        return scores
+
+    return ServerSide(config, base.method, base.handle, base.initial, evaluate), data.label_names
+
+
+def connect(grid, run: FlowerRun, say=_say) -> tuple[ServerSide, FlowerTransport]:
+    """The server side and its transport, once enough sites have connected."""
+    config = run.config
+    server, label_names = build_server(config, run.test_path)
+    transport = FlowerTransport(grid, label_names, config.federation.clients, run.round_timeout, say=say)
+    if server.method.personalised:
+        server.evaluate = personalised_evaluation(transport, server.method, config.federation.clients)
+    transport.connect(run.connect_timeout, config.federation.min_clients)
+    return server, transport
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    start = time.perf_counter()
+    run = read_run_config(context.run_config)
+    config = run.config
+    _say(report.banner(config))
+    server, transport = connect(grid, run)
+    folder = RunFolder(run.out or default_out_dir(config.method.name, config.privacy.epsilon))
+    folder.open()
+    try:
+        summary = execute(server, transport, folder, _say, start, transport.client_facts)
+        final = folder.commit()
+    except BaseException:
+        folder.abort()
+        raise
+    _say(report.summary_table(summary))
+    _say(f"run folder: {final}")

@@ -1,0 +1,169 @@
+"""A site: one SuperNode's client, built from the run's config and the node's own config.
+
+Node config (`flower-supernode --node-config '...'`), one of:
+
+* `data-path="/data/site.csv"` (+ `text-column`, `label-column`, `client-id`): the site's own
+  labelled file, all of it training data; `client-id` is its fedlora client number (0-based).
+* `partition-id=K num-partitions=N`: for demos, part K of the run's `data.path` split exactly
+  as the in-process simulation splits it (N must equal `federation.clients`).
+
+Flower starts a fresh ClientApp process for every message, so a site is rebuilt each round
+(the base model and LoRA A come from the run's seed, identical everywhere) and what must
+outlive a round — the privacy accountant's history, the steps taken, personal tensors — is
+kept in the node's `Context.state`, which the SuperNode holds for the whole run. ε is therefore
+composed over every step the site ever took, exactly as one continuous accountant would.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from fedlora.config import Config
+from fedlora.data.sources import TextDataset, load_dataset, split_holdout
+from fedlora.errors import ConfigError, DataError
+from fedlora.experiment import Base, build_base, build_client, build_trainer, load_data, split_data
+from fedlora.federation.client import Client, LocalTrainer
+from fedlora.federation.evaluate import Evaluator
+from fedlora.federation.flower.messages import SiteFacts
+from fedlora.federation.wire import decode_state, encode_state
+from fedlora.methods import get_method
+from fedlora.methods.base import State
+from fedlora.seeding import derive_seed
+
+STATE = "fedlora-site"
+DEMO_KEYS = ("partition-id", "num-partitions")
+OWN_KEYS = ("data-path", "text-column", "label-column", "client-id")
+
+
+def client_id(node_config: Mapping[str, Any], config: Config) -> int:
+    """The fedlora client this node serves: `client-id`, else `partition-id`."""
+    _check_keys(node_config)
+    key = "client-id" if "data-path" in node_config else "partition-id"
+    if key not in node_config:
+        raise ConfigError(f"node config: '{key}' is missing — start the SuperNode with "
+                          f"--node-config 'partition-id=0 num-partitions={config.federation.clients}' "
+                          "or 'data-path=\"site.csv\" client-id=0'")
+    cid = node_config[key]
+    if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < config.federation.clients:
+        raise ConfigError(f"node config: {key}={cid!r} must be an integer in "
+                          f"[0, {config.federation.clients - 1}] (federation.clients="
+                          f"{config.federation.clients})")
+    return cid
+
+
+def _check_keys(node_config: Mapping[str, Any]) -> None:
+    unknown = sorted(set(node_config) - set(DEMO_KEYS) - set(OWN_KEYS))
+    if unknown:
+        raise ConfigError(f"node config: unknown keys {unknown} — valid: "
+                          f"{', '.join(DEMO_KEYS + OWN_KEYS)}")
+
+
+@dataclass
+class SiteData:
+    """A site's examples as (text, label name) lists: what it trains on, and — for personalised
+    methods — its own held-out part, on which its own model is scored."""
+
+    client: int
+    texts: list[str]
+    labels: list[str]
+    test_texts: list[str] = field(default_factory=list)
+    test_labels: list[str] = field(default_factory=list)
+
+
+def site_examples(config: Config, node_config: Mapping[str, Any]) -> SiteData:
+    """This site's data, split as the simulation splits it (personalised: a held-out part)."""
+    cid = client_id(node_config, config)
+    personalised = get_method(config.method).personalised
+    if "data-path" in node_config:
+        d = config.data
+        data = load_dataset(str(node_config["data-path"]),
+                            text_column=str(node_config.get("text-column", d.text_column)),
+                            label_column=str(node_config.get("label-column", d.label_column)))
+        train, test = list(range(len(data))), []
+        if personalised:  # as the simulation holds out part of each client's examples
+            train, test = split_holdout(data.labels, d.test_fraction, derive_seed(config.seed, "test", cid))
+        return _pick(cid, data, train, test)
+    parts = node_config.get("num-partitions")
+    if parts != config.federation.clients:
+        raise ConfigError(f"node config: num-partitions={parts!r} but the run has federation.clients="
+                          f"{config.federation.clients} — start every SuperNode with "
+                          f"num-partitions={config.federation.clients}")
+    dataset = load_data(config)  # the shared demo set, split exactly as the simulation does
+    split = split_data(dataset, config, personalised)
+    test = split.client_test[cid] if split.client_test is not None else []
+    return _pick(cid, dataset, split.clients[cid], test)
+
+
+def _pick(cid: int, data: TextDataset, train: list[int], test: list[int]) -> SiteData:
+    name = lambda i: data.label_names[data.labels[i]]  # noqa: E731
+    return SiteData(cid, [data.texts[i] for i in train], [name(i) for i in train],
+                    [data.texts[i] for i in test], [name(i) for i in test])
+
+
+@dataclass
+class Site:
+    client: Client
+    trainer: LocalTrainer
+    label_names: list[str]
+    base: Base
+    test_tokens: list[list[int]]
+    test_labels: list[int]
+    eval_batch_size: int
+
+    @classmethod
+    def build(cls, config: Config, node_config: Mapping[str, Any], label_names: list[str]) -> "Site":
+        """`label_names` are the server's: a site's labels are numbered by name, as the server's."""
+        data = site_examples(config, node_config)
+        unknown = sorted(set(data.labels + data.test_labels) - set(label_names))
+        if unknown:
+            raise DataError(f"site {data.client}: labels {unknown} are not among the run's labels "
+                            f"{label_names} — relabel the site's data")
+        index = {n: i for i, n in enumerate(label_names)}
+        base = build_base(config, len(label_names))
+        client = build_client(config, data.client, base.encode(data.texts, config),
+                              [index[n] for n in data.labels])
+        return cls(client, build_trainer(config, base), list(label_names), base,
+                   base.encode(data.test_texts, config) if data.test_texts else [],
+                   [index[n] for n in data.test_labels], config.train.eval_batch_size)
+
+    def evaluate(self, download: State) -> dict[str, float]:
+        """This client's own model (its personal tensors + the download) on its held-out part."""
+        if not self.test_tokens:
+            raise DataError(f"site {self.client.cid} has no held-out examples to score its model on")
+        base, cid = self.base, self.client.cid
+        own = base.method.client_state(base.initial, self.client.personal, download, cid)
+        scorer = Evaluator(base.handle, base.initial, self.test_tokens, self.test_labels,
+                           base.pad_id, self.eval_batch_size, "test", view=lambda glob: own)
+        return scorer(None)
+
+    @property
+    def facts(self) -> SiteFacts:
+        p = self.client.privacy
+        return SiteFacts(self.client.cid, self.client.num_examples, p.noise_multiplier,
+                         p.sample_rate, self.label_names)
+
+    # ---------------------------------------------------------------- kept between rounds
+    def restore(self, state) -> None:
+        """Continue from the node's saved ledger (nothing saved: the site's first round)."""
+        if STATE not in state.config_records:
+            return
+        saved = state.config_records[STATE]
+        if int(saved["client"]) != self.client.cid:
+            raise ConfigError(f"this SuperNode served client {saved['client']} earlier in the run, "
+                              f"now its node config says {self.client.cid} — keep node configs fixed")
+        self.client.privacy.accountant.load_state_dict(json.loads(str(saved["accountant"])))
+        self.client.steps = int(saved["steps"])
+        self.client.personal = decode_state(bytes(saved["personal"]))
+
+    def save(self, state) -> None:
+        from flwr.app import ConfigRecord
+
+        state.config_records[STATE] = ConfigRecord({
+            "client": self.client.cid,
+            "accountant": json.dumps(self.client.privacy.accountant.state_dict()),
+            "steps": self.client.steps,
+            "personal": encode_state(self.client.personal),
+        })
+

@@ -1,0 +1,180 @@
+"""The Flower transport: fedlora's round loop reaches the sites through Flower's Grid.
+
+`exchange(round, downloads)` sends each selected client's download to the SuperNode that
+serves it and turns the replies into `ClientReply`s. A site that fails (its ClientApp raised),
+disconnects (the SuperLink reports it unavailable once its heartbeats stop) or does not answer
+within the round timeout is logged and listed in `Exchange.failed`; the round loop decides
+whether enough sites answered (`federation.min_clients`).
+
+Which node serves which client is asked, not guessed: a `query` message to each new node
+returns the fedlora client id from its node config (`client-id` or `partition-id`), so a run
+matches the in-process simulation with the same seed and data whatever ids Flower assigns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from fedlora.errors import FederationError
+from fedlora.federation.flower.messages import RECORD, SiteFacts, read_reply, train_record
+from fedlora.federation.server import Exchange
+from fedlora.federation.wire import encode_state
+from fedlora.methods.base import State
+
+log = logging.getLogger("fedlora.flower")
+
+
+class FlowerTransport:
+    def __init__(self, grid, label_names: list[str], num_clients: int, round_timeout: float,
+                 say: Callable[[str], None] = log.info):
+        self.grid = grid
+        self.label_names = list(label_names)
+        self.num_clients = num_clients
+        self.round_timeout = round_timeout
+        self.say = say
+        self.nodes: dict[int, int] = {}  # fedlora client id → Flower node id
+        self.ignored: set[int] = set()  # nodes that failed the query or duplicate a client id
+        self.facts: dict[int, SiteFacts] = {}  # the latest each site said about itself
+        self.steps: dict[int, int] = {}
+
+    # ---------------------------------------------------------------- who is out there
+    def connect(self, timeout: float, minimum: int) -> None:
+        """Wait until every client has a node, or `timeout` seconds; at least `minimum` needed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.discover()
+            if len(self.nodes) >= self.num_clients:
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        if len(self.nodes) < minimum:
+            raise FederationError(
+                f"only {len(self.nodes)} of {self.num_clients} sites connected within "
+                f"{timeout:g} s (clients {sorted(self.nodes)}), fewer than federation.min_clients="
+                f"{minimum} — start the missing SuperNodes or raise connect-timeout")
+        self.say(f"going on with {len(self.nodes)} of {self.num_clients} sites: clients "
+                 f"{sorted(self.nodes)}")
+
+    def discover(self) -> None:
+        """Ask every node not seen before which client it serves."""
+        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+        known = set(self.nodes.values()) | self.ignored
+        new = sorted(n for n in self.grid.get_node_ids() if n not in known)
+        if not new:
+            return
+        messages = {n: Message(RecordDict({RECORD: ConfigRecord({})}), dst_node_id=n,
+                               message_type=MessageType.QUERY) for n in new}
+        replies = list(self.grid.send_and_receive(list(messages.values()), timeout=self.round_timeout))
+        node_of = {m.metadata.message_id: n for n, m in messages.items()}
+        for rep in replies:
+            node = node_of.get(rep.metadata.reply_to_message_id)
+            if node is None:
+                continue
+            if rep.has_error():
+                self.say(f"node {node} cannot take part: {rep.error.reason}")
+                self.ignored.add(node)
+                continue
+            cid = int(rep.content.config_records[RECORD]["client"])
+            if cid in self.nodes:
+                self.say(f"node {node} says it is client {cid}, which node {self.nodes[cid]} "
+                         "already serves — ignored")
+                self.ignored.add(node)
+                continue
+            self.nodes[cid] = node
+            self.say(f"client {cid} is node {node}")
+
+    # ---------------------------------------------------------------- one round
+    def exchange(self, round: int, downloads: dict[int, State]) -> Exchange:
+        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+        self.discover()
+        failed: dict[int, str] = {}
+        messages: dict[int, Message] = {}
+        sent = 0
+        for cid, state in downloads.items():
+            if cid not in self.nodes:
+                failed[cid] = "no SuperNode serves this client"
+                continue
+            payload = encode_state(state)
+            sent += len(payload)
+            messages[cid] = Message(
+                RecordDict({RECORD: ConfigRecord(train_record(round, cid, payload, self.label_names))}),
+                dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN)
+        answers = list(self.grid.send_and_receive(list(messages.values()), timeout=self.round_timeout))
+        client_of = {m.metadata.message_id: cid for cid, m in messages.items()}
+        replies, received = [], 0
+        for msg in answers:
+            cid = client_of.pop(msg.metadata.reply_to_message_id, None)
+            if cid is None:
+                continue
+            if msg.has_error():
+                failed[cid] = msg.error.reason
+                continue
+            reply, facts, size = read_reply(msg.content.config_records[RECORD])
+            if reply.client != cid:
+                failed[cid] = f"answered as client {reply.client}"
+                continue
+            self.facts[cid] = facts
+            self.steps[cid] = reply.steps
+            replies.append(reply)
+            received += size
+        for cid in client_of.values():
+            failed[cid] = f"no answer within {self.round_timeout:g} s"
+        for cid, why in sorted(failed.items()):
+            self.say(f"round {round + 1}: client {cid} dropped out — {why}")
+        replies.sort(key=lambda r: r.client)  # aggregation order as in the simulation
+        return Exchange(replies, sent, received, failed)
+
+    # ---------------------------------------------------------------- personalised scores
+    def evaluate_sites(self, downloads: dict[int, State]) -> dict[int, tuple[float, float]]:
+        """Each site scores its own model (its personal tensors + `downloads[c]`) on its own
+        held-out examples: client → (accuracy, loss). Sites that fail are logged and left out.
+        This traffic is evaluation, not training: it is not in the byte counts."""
+        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+        messages = {cid: Message(RecordDict({RECORD: ConfigRecord(train_record(
+                        -1, cid, encode_state(state), self.label_names))}),
+                        dst_node_id=self.nodes[cid], message_type=MessageType.EVALUATE)
+                    for cid, state in downloads.items() if cid in self.nodes}
+        answers = list(self.grid.send_and_receive(list(messages.values()), timeout=self.round_timeout))
+        client_of = {m.metadata.message_id: cid for cid, m in messages.items()}
+        scores = {}
+        for msg in answers:
+            cid = client_of.get(msg.metadata.reply_to_message_id)
+            if cid is None:
+                continue
+            if msg.has_error():
+                self.say(f"client {cid} could not score its model — {msg.error.reason}")
+                continue
+            record = msg.content.config_records[RECORD]
+            scores[cid] = (float(record["accuracy"]), float(record["loss"]))
+        return scores
+
+    def client_facts(self) -> list[dict]:
+        """Per client id, what the summary reports (None for a site never heard from)."""
+        out = []
+        for cid in range(self.num_clients):
+            f = self.facts.get(cid)
+            out.append({"noise_multiplier": f.noise_multiplier if f else None,
+                        "sample_rate": f.sample_rate if f else None,
+                        "steps": self.steps.get(cid), "size": f.num_examples if f else None})
+        return out
+
+
+def personalised_evaluation(transport: FlowerTransport, method, num_clients: int):
+    """`evaluate(glob)` for personalised methods, as `PersonalisedEvaluation` reports it: the
+    unweighted mean over the clients that answered, and per-client lists (None: no answer)."""
+    def evaluate(glob) -> dict:
+        scores = transport.evaluate_sites({c: method.download(glob, c) for c in range(num_clients)})
+        acc = [scores[c][0] if c in scores else None for c in range(num_clients)]
+        loss = [scores[c][1] if c in scores else None for c in range(num_clients)]
+        got_acc, got_loss = [a for a in acc if a is not None], [x for x in loss if x is not None]
+        if not got_acc:
+            return {}
+        return {"test_accuracy": sum(got_acc) / len(got_acc), "test_loss": sum(got_loss) / len(got_loss),
+                "test_accuracy_per_client": acc, "test_loss_per_client": loss}
+    return evaluate
