@@ -58,7 +58,7 @@ class DataConfig:
 @dataclass
 class FederationConfig:
     clients: int = _f(3, "number of data owners")
-    rounds: int = _f(10, "federated rounds")
+    rounds: int = _f(5, "federated rounds")
     local_steps: int = _f(4, "DP-SGD steps each client takes per round")
     clients_per_round: int = _f(0, "clients sampled each round (0 = all)")
     eval_every: int = _f(1, "evaluate the global model every k rounds (and always after the last)")
@@ -97,8 +97,8 @@ class MethodConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = _f(256, "expected examples per DP-SGD step (Poisson sampling)")
-    lr: float = _f(0.5, "learning rate of the local optimizer")
-    optimizer: str = _f("sgd", f"local optimizer: {', '.join(OPTIMIZERS)}")
+    lr: float = _f(0.005, "learning rate of the local optimizer")
+    optimizer: str = _f("adam", f"local optimizer: {', '.join(OPTIMIZERS)}")
     momentum: float = _f(0.9, "SGD momentum (reset each round: optimizer state never leaves a client)")
     micro_batch_size: int = _f(64, "examples per forward pass; a batch is split, never changed")
     eval_batch_size: int = _f(512, "examples per evaluation batch")
