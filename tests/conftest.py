@@ -57,7 +57,7 @@ def toy_csv(tmp_path_factory) -> Path:
     return write_toy_csv(tmp_path_factory.mktemp("data") / "toy.csv")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_overrides(tiny_model_dir, toy_csv) -> list[str]:
     """Overrides that turn the default job into a seconds-long run on the tiny model and toy data."""
     return [

@@ -27,14 +27,6 @@ def ffa_run(tmp_path_factory, request):
     return out, summary, overrides
 
 
-@pytest.fixture(scope="module")
-def tiny_overrides(tiny_model_dir, toy_csv):  # module-scoped twin of the conftest fixture
-    return [f"model.path={tiny_model_dir}", "model.max_length=16", f"data.path={toy_csv}",
-            "data.text_column=review", "data.label_column=sentiment", "data.group_column=film",
-            "federation.rounds=2", "federation.local_steps=2", "train.batch_size=16",
-            "train.eval_batch_size=64", "threads=1"]
-
-
 def test_run_folder_is_complete(ffa_run):
     out, summary, _ = ffa_run
     assert {p.name for p in out.iterdir()} >= {"config.toml", "partition.json", "metrics.jsonl",
