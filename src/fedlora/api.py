@@ -150,7 +150,8 @@ class ServerSide:
 
 def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, start: float,
             facts: Callable[[], list[dict]], clients: Sequence[Client] = (),
-            saved: ckpt.Checkpoint | None = None) -> dict[str, Any]:
+            saved: ckpt.Checkpoint | None = None,
+            timings: dict[str, float] | None = None) -> dict[str, Any]:
     """The round loop over any transport, writing the run folder as it goes.
 
     `facts()` gives, per client id, what the summary reports about it: its DP noise
@@ -158,7 +159,8 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
     `clients` are the clients this process holds (the simulation's), for personal exports;
     their state goes into the checkpoints and each gets a privacy ledger in the run folder.
     `saved` is the checkpoint to continue from. Replies are validated against what the method
-    expects before they are aggregated, whatever the transport.
+    expects before they are aggregated, whatever the transport. `timings`, if given, collects
+    the seconds per phase of the round loop (`run_rounds`).
     """
     config = server.config
     if not folder.resuming:
@@ -191,7 +193,7 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
             client.ledger.forget_before(len(state.history))
 
     run_rounds(server.method, state, transport, plan, server.evaluate, on_round,
-               validator=validator, checkpoint=save)
+               validator=validator, checkpoint=save, timings=timings)
     export_adapter(server, state, folder.path("adapter"), clients)
     summary = build_summary(server, state, facts(), time.perf_counter() - start)
     folder.write_json("summary.json", summary)

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedlora.config import TrainConfig
-from fedlora.data.batching import collate
+from fedlora.data.batching import collate, length_groups
 from fedlora.methods import lowrank
 from fedlora.methods.base import Method, State
 from fedlora.model import AdapterHandle
+from fedlora.federation.timing import Timings, phase
 from fedlora.federation.wire import state_digest
 from fedlora.privacy.accountant import PrivacyAccountant
 from fedlora.privacy.dpsgd import clip_and_noise, per_sample_gradients
@@ -58,7 +59,13 @@ class Client:
 
 
 class LocalTrainer:
-    """Trains any client on one shared model; the adapter is the only per-client state."""
+    """Trains any client on one shared model; the adapter is the only per-client state.
+
+    `timings`, if set to a dict, accumulates the seconds of the privacy ledger's bookkeeping
+    (the download's digest and the fsync'd write) under `ledger` (see `federation.timing`).
+    """
+
+    timings: Timings | None = None
 
     def __init__(self, model: nn.Module, method: Method, train: TrainConfig, local_steps: int,
                  pad_id: int, initial: State):
@@ -79,8 +86,9 @@ class LocalTrainer:
         digest, seen = None, None
         if client.ledger is not None:
             # everything the round's result depends on besides the data and the seeds
-            digest = state_digest({**{f"download/{k}": v for k, v in download.items()},
-                                   **{f"personal/{k}": v for k, v in client.personal.items()}})
+            with phase(self.timings, "ledger"):
+                digest = state_digest({**{f"download/{k}": v for k, v in download.items()},
+                                       **{f"personal/{k}": v for k, v in client.personal.items()}})
             seen = client.ledger.entry(round)
             if seen is not None and seen["digest"] != digest:
                 return self._refuse(client, f"client {client.cid} already trained round {round + 1} "
@@ -98,13 +106,11 @@ class LocalTrainer:
         # a rank-r_k client on the rank-r_max model: coordinates beyond r_k stay exactly zero
         masked = {k: self.handle.param(k) for k in keys} if rank < self.method.max_rank else {}
         optimizer = self._optimizer(params)
-        sampler = torch.Generator().manual_seed(derive_seed(client.seed, "sample", client.cid, round))
         noise = torch.Generator().manual_seed(derive_seed(client.seed, "noise", client.cid, round))
         torch.manual_seed(derive_seed(client.seed, "dropout", client.cid, round))
         self.model.train()
         losses = []
-        for _ in range(self.local_steps):
-            batch = self._poisson_batch(client, privacy.sample_rate, sampler)
+        for batch in self.poisson_batches(client, round):
             loss = self._step(client, batch, keys, noise)
             if masked:  # DP noise on masked coordinates is discarded, never applied
                 lowrank.zero_beyond_rank_({k: p.grad for k, p in masked.items()}, rank)
@@ -122,7 +128,8 @@ class LocalTrainer:
         local = self.handle.state()
         client.personal = {k: v for k, v in local.items() if self.method.personal(k)}
         if client.ledger is not None and not replay:  # on disk before the upload leaves
-            client.ledger.record(round, digest, privacy.accountant.state_dict())
+            with phase(self.timings, "ledger"):
+                client.ledger.record(round, digest, privacy.accountant.state_dict())
         return ClientReply(
             client=client.cid,
             upload=lowrank.slice_to_rank(self.method.upload(local, round), rank),
@@ -142,10 +149,14 @@ class LocalTrainer:
             return torch.optim.Adam(params, lr=cfg.lr)
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
 
-    def _poisson_batch(self, client: Client, q: float, gen: torch.Generator) -> list[int]:
-        """Each example joins independently with probability q (the sampling DP accounts for)."""
-        chosen = torch.rand(client.num_examples, generator=gen) < q
-        return chosen.nonzero().flatten().tolist()
+    def poisson_batches(self, client: Client, round: int) -> list[list[int]]:
+        """The example indices of each of the round's `local_steps` batches: each example joins
+        a batch independently with probability q (the sampling DP accounts for), drawn from a
+        generator seeded by (seed, client, round) — the same batches whoever asks."""
+        gen = torch.Generator().manual_seed(derive_seed(client.seed, "sample", client.cid, round))
+        q = client.privacy.sample_rate
+        return [(torch.rand(client.num_examples, generator=gen) < q).nonzero().flatten().tolist()
+                for _ in range(self.local_steps)]
 
     def _step(self, client: Client, batch_idx: list[int], keys: list[str], noise: torch.Generator):
         """Set `.grad` on the trainable parameters; return the batch's mean loss (or None).
@@ -197,9 +208,10 @@ class LocalTrainer:
         return total / n if n else None
 
     def _micro_batches(self, client: Client, batch_idx: list[int]) -> list[list[int]]:
-        ordered = sorted(batch_idx, key=lambda i: len(client.token_ids[i]))
-        size = self.train_cfg.micro_batch_size
-        return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+        """At most `micro_batch_size` examples each, grouped by length for little padding."""
+        lengths = [len(client.token_ids[i]) for i in batch_idx]
+        return [[batch_idx[j] for j in group]
+                for group in length_groups(lengths, self.train_cfg.micro_batch_size)]
 
     def per_example_loss(self, client: Client, idx: list[int]) -> Tensor:
         batch = collate(client.token_ids, idx, self.pad_id)

@@ -19,6 +19,7 @@ import numpy as np
 
 from fedlora.errors import FederationError
 from fedlora.federation.client import ClientReply
+from fedlora.federation.timing import Laps, Timings
 from fedlora.federation.validate import UpdateValidator
 from fedlora.methods.base import GlobalState, Method, State, Update
 from fedlora.seeding import derive_seed
@@ -84,22 +85,30 @@ def select_clients(plan: RoundPlan, round: int) -> list[int]:
 def run_rounds(method: Method, state: FederationState, transport: Transport, plan: RoundPlan,
                evaluate: Evaluate, on_round: Callable[[dict], None] | None = None, *,
                validator: UpdateValidator | None = None,
-               checkpoint: Checkpoint | None = None) -> FederationState:
+               checkpoint: Checkpoint | None = None,
+               timings: Timings | None = None) -> FederationState:
     """Run rounds `len(state.history)` … `plan.rounds − 1`, mutating and returning `state`.
 
     Starting from a restored state continues a run exactly where its checkpoint left it.
+    `timings`, if given, accumulates the seconds of each phase of every round: download,
+    exchange (the transport: local training and the wire), validate, aggregate, evaluate,
+    report (the `on_round` callback), checkpoint; `rounds` counts the rounds timed.
     """
     for r in range(len(state.history), plan.rounds):
         start = time.perf_counter()
+        lap = Laps(timings)
         selected = select_clients(plan, r)
         downloads = {c: method.download(state.glob, c) for c in selected}
+        lap("download")
         exchange = transport.exchange(r, downloads)
+        lap("exchange")
         if len(exchange.replies) < plan.min_clients:
             raise FederationError(
                 f"round {r + 1}: only {len(exchange.replies)} of {len(selected)} clients answered "
                 f"({_failures(exchange)}), fewer than federation.min_clients={plan.min_clients} — "
                 "restart the missing sites, or lower federation.min_clients")
         accepted, rejected = _screen(exchange.replies, downloads, validator, r)
+        lap("validate")
         if rejected and plan.on_bad_update == "stop":
             cid, reason = next(iter(rejected.items()))
             raise UpdateRejected(f"round {r + 1}: the update of client {cid} was rejected ({reason}) "
@@ -107,6 +116,7 @@ def run_rounds(method: Method, state: FederationState, transport: Transport, pla
                                  "to go on without that client's update")
         updates = [Update(rep.client, rep.upload, rep.num_examples) for rep in accepted]
         state.glob = method.aggregate(state.glob, updates, r)
+        lap("aggregate")
         for rep in exchange.replies:
             if rep.client in downloads and _is_epsilon(rep.epsilon):  # ε never goes down
                 state.epsilon[rep.client] = max(state.epsilon.get(rep.client, 0.0), rep.epsilon)
@@ -115,14 +125,20 @@ def run_rounds(method: Method, state: FederationState, transport: Transport, pla
         state.bytes_downloaded += exchange.bytes_downloaded
         exhausted = all(rep.refused is not None for rep in exchange.replies)
         last = r == plan.rounds - 1 or exhausted
+        lap("report")
         scores = evaluate(state.glob) if (r + 1) % plan.eval_every == 0 or last else {}
+        lap("evaluate")
         record = _record(r, selected, exchange, accepted, rejected, state, scores,
                          time.perf_counter() - start)
         state.history.append(record)
         if on_round:
             on_round(record)
+        lap("report")
         if checkpoint and plan.checkpoint_every and ((r + 1) % plan.checkpoint_every == 0 or last):
             checkpoint(state)
+        lap("checkpoint")
+        if timings is not None:
+            timings["rounds"] = timings.get("rounds", 0) + 1
         if exhausted:  # every selected client refused: nobody has budget left
             break
     return state

@@ -8,23 +8,32 @@ from __future__ import annotations
 
 from fedlora.federation.client import Client, LocalTrainer
 from fedlora.federation.server import Exchange
+from fedlora.federation.timing import Timings, phase
 from fedlora.federation.wire import decode_state, encode_state
 from fedlora.methods.base import State
 
 
 class InProcessTransport:
-    def __init__(self, trainer: LocalTrainer, clients: list[Client]):
+    """`timings`, if given, accumulates seconds under `train` (the client's whole local round)
+    and `serialise` (encoding and decoding payloads, both ways)."""
+
+    def __init__(self, trainer: LocalTrainer, clients: list[Client], timings: Timings | None = None):
         self.trainer = trainer
         self.clients = {c.cid: c for c in clients}
+        self.timings = timings
 
     def exchange(self, round: int, downloads: dict[int, State]) -> Exchange:
         replies, down, up = [], 0, 0
         for cid, state in downloads.items():
-            sent = encode_state(state)
+            with phase(self.timings, "serialise"):
+                sent = encode_state(state)
+                received_download = decode_state(sent)
             down += len(sent)
-            reply = self.trainer.train(self.clients[cid], decode_state(sent), round)
-            received = encode_state(reply.upload)
+            with phase(self.timings, "train"):
+                reply = self.trainer.train(self.clients[cid], received_download, round)
+            with phase(self.timings, "serialise"):
+                received = encode_state(reply.upload)
+                reply.upload = decode_state(received)
             up += len(received) if reply.refused is None else 0
-            reply.upload = decode_state(received)
             replies.append(reply)
         return Exchange(replies, down, up)

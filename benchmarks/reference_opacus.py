@@ -1,0 +1,115 @@
+"""The hand-written baseline fedlora is measured against: PEFT + Opacus + a FedAvg loop.
+
+What a user writes without fedlora, following Opacus's own text-classification tutorial:
+every text tokenised with `padding="max_length"`, a `DataLoader` per client, `PrivacyEngine
+().make_private(...)` (Poisson sampling, per-example clipping to C, Gaussian noise σ·C, a
+`GradSampleModule` computing per-example gradients with hooks), Opacus's `BatchMemoryManager`
+to cut each logical batch into physical batches, and a server that averages the trained
+tensors weighted by client size. Each client owns a copy of the PEFT model, wrapped once
+(Opacus refuses to wrap a model twice), and its Adam state is reset every round, as in fedlora.
+
+Same model, data, expected batch size, clip and σ as fedlora's clients: only the machinery
+differs. Used by `benchmarks/throughput.py`; not part of the package.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def pad_to_max_length(token_ids: list[list[int]], max_length: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """What `tokenizer(texts, padding="max_length", truncation=True, max_length=L)` returns for
+    texts whose (truncated) token ids are `token_ids`: ids and attention mask, shape (n, L)."""
+    ids = torch.full((len(token_ids), max_length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), max_length), dtype=torch.long)
+    for row, seq in enumerate(token_ids):
+        ids[row, :len(seq)] = torch.as_tensor(seq[:max_length], dtype=torch.long)
+        mask[row, :len(seq)] = 1
+    return ids, mask
+
+
+class OpacusClient:
+    """One client: its own PEFT model copy, wrapped once by `make_private`."""
+
+    def __init__(self, model: nn.Module, trainable: Callable[[str], bool], token_ids: list[list[int]],
+                 labels: list[int], *, max_length: int, pad_id: int, batch_size: int,
+                 physical_batch_size: int, noise_multiplier: float, clip: float, lr: float, seed: int):
+        model = copy.deepcopy(model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable(name))
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        ids, mask = pad_to_max_length(token_ids, max_length, pad_id)
+        loader = DataLoader(TensorDataset(ids, mask, torch.tensor(labels, dtype=torch.long)),
+                            batch_size=batch_size)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        self.engine = PrivacyEngine(accountant="rdp")
+        self.model, self.optimizer, self.loader = self.engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+            max_grad_norm=clip, poisson_sampling=True,
+            noise_generator=torch.Generator().manual_seed(seed))
+        self.physical_batch_size = physical_batch_size
+        self.num_examples = len(labels)
+
+    def params(self) -> dict[str, nn.Parameter]:
+        named = dict(self.model._module.named_parameters())
+        return {n: named[n] for n in self.names}
+
+    def train(self, state: dict[str, Tensor], steps: int) -> tuple[dict[str, Tensor], int]:
+        """`steps` DP-SGD steps starting from `state` (the trained tensors, by parameter name);
+        returns the trained tensors and the number of examples processed."""
+        params = self.params()
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state[name])
+        self.optimizer.original_optimizer.state.clear()  # Adam restarts every round
+        self.model.train()
+        seen = done = 0
+        with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=self.physical_batch_size,
+                                optimizer=self.optimizer) as loader:
+            while done < steps:
+                for input_ids, attention_mask, labels in loader:
+                    self.optimizer.zero_grad()
+                    logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+                    F.cross_entropy(logits, labels).backward()
+                    self.optimizer.step()
+                    seen += len(labels)
+                    if not self.optimizer._is_last_step_skipped:  # a logical batch ended
+                        done += 1
+                        if done == steps:
+                            break
+        return {n: p.detach().clone() for n, p in params.items()}, seen
+
+
+def fedavg(states: list[dict[str, Tensor]], weights: list[float]) -> dict[str, Tensor]:
+    """The server: Σ_k w_k·state_k / Σ_k w_k for every tensor."""
+    total = float(sum(weights))
+    return {k: sum(w * s[k] for s, w in zip(states, weights)) / total for k in states[0]}
+
+
+class OpacusFederation:
+    """FedAvg over `OpacusClient`s: each round every client trains from the global state."""
+
+    def __init__(self, clients: list[OpacusClient]):
+        self.clients = clients
+        self.state = {n: p.detach().clone() for n, p in clients[0].params().items()}
+
+    def round(self, steps: int, on_client: Callable[[int, float, int], None] | None = None) -> None:
+        """One round; `on_client(k, seconds, examples)` reports each client's local training."""
+        states, weights = [], []
+        for k, client in enumerate(self.clients):
+            start = time.perf_counter()
+            trained, seen = client.train(self.state, steps)
+            if on_client:
+                on_client(k, time.perf_counter() - start, seen)
+            states.append(trained)
+            weights.append(client.num_examples)
+        self.state = fedavg(states, weights)

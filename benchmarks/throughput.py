@@ -1,0 +1,240 @@
+"""Training throughput (examples per second), side by side in one process, on the same model
+and data: fedlora (each method, DP on and off), the hand-written PEFT + Opacus + FedAvg loop
+(`reference_opacus.py`, texts padded to `max_length`), and the floor.
+
+The floor is the forward and backward pass of the same model over the same Poisson batches as
+fedlora, cut into the same length-sorted micro-batches (each padded only to its own longest
+text), with the same parameters requiring gradients: no DP, no optimizer, no federation.
+
+Every contender trains every client of the config (default: the default job's 3 clients) for
+`--steps` local steps from the initial adapter; fedlora and the floor see identical batches
+(`LocalTrainer.poisson_batches`), the reference draws its own with the same rate (Opacus's
+loader). A repeat runs every contender once, in a rotated order; the table gives the median
+over repeats, and each ratio is the median of the per-repeat ratios (noise on a shared machine
+hits neighbours alike).
+
+    PYTHONPATH=src python benchmarks/throughput.py [--repeats 3] [--steps 1] [--threads 0]
+        [--methods ffa lora] [--reference ffa] [--json FILE] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from typing import Callable
+
+import common  # noqa: F401  (sets HF_HUB_OFFLINE before transformers loads)
+import torch
+
+from fedlora.config import load_config
+from fedlora.experiment import build_client, build_experiment, build_trainer
+from fedlora.methods import get_method
+from fedlora.privacy.accountant import PrivacyAccountant
+from fedlora.seeding import derive_seed
+from reference_opacus import OpacusClient, OpacusFederation
+
+Contender = Callable[[int], tuple[float, int]]  # round → (seconds, examples)
+
+TARGETS = {"speedup_over_reference": 2.0, "floor_over_fedlora": 0.77, "dp_overhead": 0.15}
+
+
+def setup(overrides: list[str], threads: int, methods: list[str], reference: list[str],
+          steps: int) -> tuple[dict[str, Contender], dict]:
+    config = load_config(None, [f"threads={threads}", *overrides])
+    exp = build_experiment(config)
+    if not threads:
+        torch.set_num_threads(torch.get_num_threads())
+    nodp = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, epsilon=float("inf")))
+    plain = [build_client(nodp, c.cid, c.token_ids, c.labels) for c in exp.clients]
+    contenders: dict[str, Contender] = {}
+    pristine = exp.model  # the reference copies the model before fedlora has trained anything
+    for name in reference:
+        contenders[f"PEFT+Opacus {name}"] = _reference(config, exp, get_method(_named(config, name)),
+                                                      pristine, steps)
+    for name in methods:
+        method = get_method(_named(config, name))
+        trainer = build_trainer(config, dataclasses.replace(_base(exp), method=method))
+        trainer.local_steps = steps
+        contenders[f"floor {name}"] = _floor(trainer, plain)
+        contenders[f"fedlora {name}, DP"] = _fedlora(trainer, exp.clients)
+        contenders[f"fedlora {name}, no DP"] = _fedlora(trainer, plain)
+    sizes = [c.num_examples for c in exp.clients]
+    info = {"clients": sizes, "sigma": [c.privacy.noise_multiplier for c in exp.clients],
+            "sample_rate": [c.privacy.sample_rate for c in exp.clients],
+            "batch_size": config.train.batch_size, "micro_batch_size": config.train.micro_batch_size,
+            "max_length": config.model.max_length, "model": config.model.path,
+            "padding": _padding(exp, steps)}
+    return contenders, info
+
+
+def _named(config, name: str):
+    return dataclasses.replace(config.method, name=name)
+
+
+def _base(exp):
+    """The pieces `build_trainer` reads, from an experiment (one model for every trainer)."""
+    from fedlora.experiment import Base
+
+    return Base(exp.model, exp.trainer.handle, exp.initial, exp.method, None, exp.trainer.pad_id,
+                exp.model_path)
+
+
+def _fedlora(trainer, clients) -> Contender:
+    """fedlora's local round, as the transport calls it (install, DP-SGD steps, upload)."""
+    method = trainer.method
+    glob = method.init_global(trainer.initial)
+
+    def run(round: int) -> tuple[float, int]:
+        seconds, examples = 0.0, 0
+        for client in clients:
+            client.privacy.accountant = PrivacyAccountant(client.privacy.accountant.kind)  # budget
+            examples += sum(map(len, trainer.poisson_batches(client, round)))
+            download = method.download(glob, client.cid)
+            start = time.perf_counter()
+            trainer.train(client, download, round)
+            seconds += time.perf_counter() - start
+        return seconds, examples
+
+    return run
+
+
+def _floor(trainer, clients) -> Contender:
+    """Forward + backward of the same micro-batches, nothing else."""
+    handle, method = trainer.handle, trainer.method
+
+    def run(round: int) -> tuple[float, int]:
+        seconds, examples = 0.0, 0
+        handle.install(trainer.initial)
+        params = [handle.param(k) for k in handle.set_trainable(lambda k: method.trainable(k, round))]
+        trainer.model.train()
+        for client in clients:
+            torch.manual_seed(derive_seed(client.seed, "dropout", client.cid, round))
+            batches = trainer.poisson_batches(client, round)
+            chunks = [trainer._micro_batches(client, b) for b in batches]
+            start = time.perf_counter()
+            for batch, parts in zip(batches, chunks):
+                for idx in parts:
+                    (trainer.per_example_loss(client, idx).sum() / len(batch)).backward()
+            seconds += time.perf_counter() - start
+            examples += sum(map(len, batches))
+            for p in params:
+                p.grad = None
+        trainer.model.eval()
+        handle.set_trainable(lambda k: False)
+        return seconds, examples
+
+    return run
+
+
+def _reference(config, exp, method, model, steps: int) -> Contender:
+    """PEFT + Opacus on the same model, data, batch size, clip and σ (per client)."""
+    names = exp.trainer.handle.param_names()  # state key → parameter name
+    wanted = {names[k] for k in names if method.trainable(k, 0)}
+    trainable = lambda name: name in wanted  # noqa: E731
+    t = config.train
+    clients = [OpacusClient(model, trainable, c.token_ids, c.labels, max_length=config.model.max_length,
+                            pad_id=exp.trainer.pad_id, batch_size=t.batch_size,
+                            physical_batch_size=t.micro_batch_size,
+                            noise_multiplier=c.privacy.noise_multiplier, clip=config.privacy.clip,
+                            lr=t.lr, seed=derive_seed(config.seed, "reference", c.cid))
+               for c in exp.clients]
+    federation = OpacusFederation(clients)
+
+    def run(round: int) -> tuple[float, int]:
+        totals = [0.0, 0]
+
+        def on_client(k: int, seconds: float, examples: int) -> None:
+            totals[0] += seconds
+            totals[1] += examples
+
+        federation.round(steps, on_client)
+        return totals[0], totals[1]
+
+    return run
+
+
+def _padding(exp, steps: int) -> dict:
+    """Real tokens as a share of the tokens computed: fedlora's micro-batches vs max_length."""
+    real = padded = 0
+    for client in exp.clients:
+        for batch in exp.trainer.poisson_batches(client, 0)[:steps]:
+            for idx in exp.trainer._micro_batches(client, batch):
+                lengths = [len(client.token_ids[i]) for i in idx]
+                real += sum(lengths)
+                padded += max(lengths) * len(lengths)
+    total = len(exp.clients)
+    mean_len = sum(len(t) for c in exp.clients for t in c.token_ids) / sum(c.num_examples for c in exp.clients)
+    return {"micro_batches": round(real / padded, 3) if padded else None,
+            "max_length": round(mean_len / exp.config.model.max_length, 3), "clients": total}
+
+
+def measure(contenders: dict[str, Contender], repeats: int) -> list[dict[str, tuple[float, int]]]:
+    names = list(contenders)
+    for name in names:  # warm-up: first calls allocate and pick kernels
+        contenders[name](10_000)
+    runs = []
+    for rep in range(repeats):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        results = {}
+        for name in order:
+            results[name] = contenders[name](rep)
+            s, n = results[name]
+            print(f"  repeat {rep + 1}: {name:<24s} {n:6d} examples  {s:7.2f} s  {n / s:7.1f} ex/s",
+                  flush=True)
+        runs.append(results)
+    return runs
+
+
+def summarise(runs: list[dict[str, tuple[float, int]]], methods: list[str],
+              reference: list[str]) -> dict:
+    names = list(runs[0])
+    rate = {n: [r[n][1] / r[n][0] for r in runs] for n in names}
+    ratios: dict[str, float] = {}
+    for m in methods:
+        dp, nodp, floor = f"fedlora {m}, DP", f"fedlora {m}, no DP", f"floor {m}"
+        ratios[f"{m}: floor time / fedlora DP time"] = common.median(
+            [r[floor][0] / r[dp][0] for r in runs])  # identical batches: a time ratio
+        ratios[f"{m}: DP overhead (no-DP ex/s ÷ DP ex/s − 1)"] = common.median(
+            [rate[nodp][i] / rate[dp][i] - 1 for i in range(len(runs))])
+        if m in reference:
+            ref = f"PEFT+Opacus {m}"
+            ratios[f"{m}: fedlora DP ex/s ÷ PEFT+Opacus ex/s"] = common.median(
+                [rate[dp][i] / rate[ref][i] for i in range(len(runs))])
+    return {"examples_per_second": {n: common.median(v) for n, v in rate.items()},
+            "ratios": ratios,
+            "runs": [{n: {"seconds": round(s, 3), "examples": e} for n, (s, e) in r.items()}
+                     for r in runs]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1, help="local steps per client per repeat")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    parser.add_argument("--methods", nargs="+", default=["ffa", "lora"])
+    parser.add_argument("--reference", nargs="*", default=["ffa"],
+                        help="methods to run the PEFT + Opacus reference for")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    contenders, info = setup(args.overrides, args.threads, args.methods, args.reference, args.steps)
+    print(f"clients {info['clients']}, batch {info['batch_size']}, σ "
+          f"{[round(s, 3) for s in info['sigma']]}, {torch.get_num_threads()} threads", flush=True)
+    runs = measure(contenders, args.repeats)
+    result = {**summarise(runs, args.methods, args.reference), "setup": info,
+              "repeats": args.repeats, "steps": args.steps, "overrides": args.overrides,
+              "machine": common.machine(), "targets": TARGETS}
+    eps = result["examples_per_second"]
+    print(common.table(["contender", "examples/s (median)"], [(n, eps[n]) for n in eps]))
+    print()
+    print(common.table(["ratio (median over repeats)", "value"], list(result["ratios"].items())))
+    print(f"\nreal tokens / computed tokens: fedlora micro-batches {info['padding']['micro_batches']}, "
+          f"padded to max_length {info['padding']['max_length']}")
+    common.write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
