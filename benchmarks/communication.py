@@ -4,13 +4,15 @@ Builds the experiment (no training), lets every client move what it trains by a 
 aggregates once, then serialises the second round's downloads and uploads exactly as the
 transport does (safetensors): the steady-state bytes per client per round, base changes included.
 
-    PYTHONPATH=src python benchmarks/communication.py [key=value ...]
+    PYTHONPATH=src python benchmarks/communication.py [key=value ...] [--json FILE]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
+import common
 import torch
 
 from fedlora.config import load_config
@@ -49,7 +51,18 @@ def _with_base(exp, m, state, round):
     return {**state, **extra}
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    rows = measure(args.overrides)
+    print(common.table(["method", "download/client/round", "upload/client/round"], rows))
+    common.write_json(args.json, {"bytes_per_client_per_round": {
+        name: {"download": down, "upload": up} for name, down, up in rows},
+        "overrides": args.overrides})
+    return 0
+
+
 if __name__ == "__main__":
-    print("method     download/client/round  upload/client/round")
-    for name, down, up in measure(sys.argv[1:]):
-        print(f"{name:10s} {down:>20,d}  {up:>18,d}")
+    sys.exit(main())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -24,6 +25,11 @@ from opacus import PrivacyEngine
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+
+# Expected here, and printed on every step: Opacus's hooks on lora_B of the first layer, whose
+# input needs no gradient (A and the embeddings are frozen); and the benchmark's seeded noise.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
 
 
 def pad_to_max_length(token_ids: list[list[int]], max_length: int, pad_id: int) -> tuple[Tensor, Tensor]:
@@ -102,14 +108,16 @@ class OpacusFederation:
         self.clients = clients
         self.state = {n: p.detach().clone() for n, p in clients[0].params().items()}
 
-    def round(self, steps: int, on_client: Callable[[int, float, int], None] | None = None) -> None:
-        """One round; `on_client(k, seconds, examples)` reports each client's local training."""
+    def round(self, steps: int, on_client: Callable[[float, float, int], None] | None = None,
+              only: int | None = None) -> None:
+        """One round (of the first `only` clients, if given); `on_client(wall seconds, CPU
+        seconds, examples)` reports each client's local training."""
         states, weights = [], []
-        for k, client in enumerate(self.clients):
-            start = time.perf_counter()
+        for client in self.clients[:only]:
+            wall, cpu = time.perf_counter(), time.process_time()
             trained, seen = client.train(self.state, steps)
             if on_client:
-                on_client(k, time.perf_counter() - start, seen)
+                on_client(time.perf_counter() - wall, time.process_time() - cpu, seen)
             states.append(trained)
             weights.append(client.num_examples)
         self.state = fedavg(states, weights)

@@ -3,18 +3,21 @@ and data: fedlora (each method, DP on and off), the hand-written PEFT + Opacus +
 (`reference_opacus.py`, texts padded to `max_length`), and the floor.
 
 The floor is the forward and backward pass of the same model over the same Poisson batches as
-fedlora, cut into the same length-sorted micro-batches (each padded only to its own longest
-text), with the same parameters requiring gradients: no DP, no optimizer, no federation.
+fedlora, in the same micro-batches (grouped by length, each padded only to its own longest
+text: ~96% of the computed tokens are real on the default data), with the same parameters
+requiring gradients: no DP, no optimizer, no federation.
 
 Every contender trains every client of the config (default: the default job's 3 clients) for
 `--steps` local steps from the initial adapter; fedlora and the floor see identical batches
-(`LocalTrainer.poisson_batches`), the reference draws its own with the same rate (Opacus's
+(`LocalTrainer.poisson_batches`), the reference draws its own at the same rate (Opacus's
 loader). A repeat runs every contender once, in a rotated order; the table gives the median
 over repeats, and each ratio is the median of the per-repeat ratios (noise on a shared machine
-hits neighbours alike).
+hits neighbours alike). Both clocks are reported: wall time, and the process's CPU time, which
+on a machine shared with other jobs is the steadier measure of work (with one thread it equals
+wall time on an idle machine).
 
-    PYTHONPATH=src python benchmarks/throughput.py [--repeats 3] [--steps 1] [--threads 0]
-        [--methods ffa lora] [--reference ffa] [--json FILE] [key=value ...]
+    PYTHONPATH=src python benchmarks/throughput.py [key=value ...] [--repeats 3] [--steps 1]
+        [--threads 0] [--methods ffa lora] [--reference ffa lora] [--json FILE]
 """
 
 from __future__ import annotations
@@ -35,7 +38,28 @@ from fedlora.privacy.accountant import PrivacyAccountant
 from fedlora.seeding import derive_seed
 from reference_opacus import OpacusClient, OpacusFederation
 
-Contender = Callable[[int], tuple[float, int]]  # round → (seconds, examples)
+Contender = Callable[[int, bool], "Measure"]  # (round, warm-up?) → what it took
+
+
+class Measure:
+    """Wall-clock and CPU seconds of a contender's local training, and the examples it saw.
+    CPU time (this process's, all threads) is the steadier figure on a shared machine."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+        self.examples = 0
+        self._marks = (0.0, 0.0)
+
+    def start(self) -> None:
+        self._marks = (time.perf_counter(), time.process_time())
+
+    def stop(self, examples: int) -> None:
+        self.wall += time.perf_counter() - self._marks[0]
+        self.cpu += time.process_time() - self._marks[1]
+        self.examples += examples
+
+    def add(self, wall: float, cpu: float, examples: int) -> None:
+        self.wall, self.cpu, self.examples = self.wall + wall, self.cpu + cpu, self.examples + examples
 
 TARGETS = {"speedup_over_reference": 2.0, "floor_over_fedlora": 0.77, "dp_overhead": 0.15}
 
@@ -86,16 +110,16 @@ def _fedlora(trainer, clients) -> Contender:
     method = trainer.method
     glob = method.init_global(trainer.initial)
 
-    def run(round: int) -> tuple[float, int]:
-        seconds, examples = 0.0, 0
-        for client in clients:
+    def run(round: int, warm: bool) -> Measure:
+        m = Measure()
+        for client in clients[:1] if warm else clients:
             client.privacy.accountant = PrivacyAccountant(client.privacy.accountant.kind)  # budget
-            examples += sum(map(len, trainer.poisson_batches(client, round)))
+            examples = sum(map(len, trainer.poisson_batches(client, round)))
             download = method.download(glob, client.cid)
-            start = time.perf_counter()
+            m.start()
             trainer.train(client, download, round)
-            seconds += time.perf_counter() - start
-        return seconds, examples
+            m.stop(examples)
+        return m
 
     return run
 
@@ -104,26 +128,25 @@ def _floor(trainer, clients) -> Contender:
     """Forward + backward of the same micro-batches, nothing else."""
     handle, method = trainer.handle, trainer.method
 
-    def run(round: int) -> tuple[float, int]:
-        seconds, examples = 0.0, 0
+    def run(round: int, warm: bool) -> Measure:
+        m = Measure()
         handle.install(trainer.initial)
         params = [handle.param(k) for k in handle.set_trainable(lambda k: method.trainable(k, round))]
         trainer.model.train()
-        for client in clients:
+        for client in clients[:1] if warm else clients:
             torch.manual_seed(derive_seed(client.seed, "dropout", client.cid, round))
             batches = trainer.poisson_batches(client, round)
             chunks = [trainer._micro_batches(client, b) for b in batches]
-            start = time.perf_counter()
+            m.start()
             for batch, parts in zip(batches, chunks):
                 for idx in parts:
                     (trainer.per_example_loss(client, idx).sum() / len(batch)).backward()
-            seconds += time.perf_counter() - start
-            examples += sum(map(len, batches))
+            m.stop(sum(map(len, batches)))
             for p in params:
                 p.grad = None
         trainer.model.eval()
         handle.set_trainable(lambda k: False)
-        return seconds, examples
+        return m
 
     return run
 
@@ -142,15 +165,10 @@ def _reference(config, exp, method, model, steps: int) -> Contender:
                for c in exp.clients]
     federation = OpacusFederation(clients)
 
-    def run(round: int) -> tuple[float, int]:
-        totals = [0.0, 0]
-
-        def on_client(k: int, seconds: float, examples: int) -> None:
-            totals[0] += seconds
-            totals[1] += examples
-
-        federation.round(steps, on_client)
-        return totals[0], totals[1]
+    def run(round: int, warm: bool) -> Measure:
+        m = Measure()
+        federation.round(steps, m.add, only=1 if warm else None)
+        return m
 
     return run
 
@@ -170,42 +188,44 @@ def _padding(exp, steps: int) -> dict:
             "max_length": round(mean_len / exp.config.model.max_length, 3), "clients": total}
 
 
-def measure(contenders: dict[str, Contender], repeats: int) -> list[dict[str, tuple[float, int]]]:
+def measure(contenders: dict[str, Contender], repeats: int) -> list[dict[str, Measure]]:
     names = list(contenders)
     for name in names:  # warm-up: first calls allocate and pick kernels
-        contenders[name](10_000)
+        contenders[name](10_000, True)
     runs = []
     for rep in range(repeats):
         order = names[rep % len(names):] + names[:rep % len(names)]
         results = {}
         for name in order:
-            results[name] = contenders[name](rep)
-            s, n = results[name]
-            print(f"  repeat {rep + 1}: {name:<24s} {n:6d} examples  {s:7.2f} s  {n / s:7.1f} ex/s",
-                  flush=True)
+            m = results[name] = contenders[name](rep, False)
+            print(f"  repeat {rep + 1}: {name:<22s} {m.examples:6d} examples  wall {m.wall:7.2f} s "
+                  f"({m.examples / m.wall:6.1f} ex/s)  CPU {m.cpu:7.2f} s "
+                  f"({m.examples / m.cpu:6.1f} ex/s)", flush=True)
         runs.append(results)
     return runs
 
 
-def summarise(runs: list[dict[str, tuple[float, int]]], methods: list[str],
-              reference: list[str]) -> dict:
+def summarise(runs: list[dict[str, Measure]], methods: list[str], reference: list[str]) -> dict:
+    """Medians over repeats of each contender's rate, and of each per-repeat ratio."""
     names = list(runs[0])
-    rate = {n: [r[n][1] / r[n][0] for r in runs] for n in names}
-    ratios: dict[str, float] = {}
-    for m in methods:
-        dp, nodp, floor = f"fedlora {m}, DP", f"fedlora {m}, no DP", f"floor {m}"
-        ratios[f"{m}: floor time / fedlora DP time"] = common.median(
-            [r[floor][0] / r[dp][0] for r in runs])  # identical batches: a time ratio
-        ratios[f"{m}: DP overhead (no-DP ex/s ÷ DP ex/s − 1)"] = common.median(
-            [rate[nodp][i] / rate[dp][i] - 1 for i in range(len(runs))])
-        if m in reference:
-            ref = f"PEFT+Opacus {m}"
-            ratios[f"{m}: fedlora DP ex/s ÷ PEFT+Opacus ex/s"] = common.median(
-                [rate[dp][i] / rate[ref][i] for i in range(len(runs))])
-    return {"examples_per_second": {n: common.median(v) for n, v in rate.items()},
-            "ratios": ratios,
-            "runs": [{n: {"seconds": round(s, 3), "examples": e} for n, (s, e) in r.items()}
-                     for r in runs]}
+    out: dict = {}
+    for clock in ("wall", "cpu"):
+        rate = {n: [r[n].examples / getattr(r[n], clock) for r in runs] for n in names}
+        ratios: dict[str, float] = {}
+        for m in methods:
+            dp, nodp, floor = f"fedlora {m}, DP", f"fedlora {m}, no DP", f"floor {m}"
+            if m in reference:
+                ratios[f"{m}: fedlora DP ex/s ÷ PEFT+Opacus ex/s"] = common.median(
+                    [a / b for a, b in zip(rate[dp], rate[f"PEFT+Opacus {m}"])])
+            ratios[f"{m}: floor time ÷ fedlora DP time"] = common.median(
+                [a / b for a, b in zip(rate[dp], rate[floor])])  # identical batches
+            ratios[f"{m}: DP overhead (no-DP ex/s ÷ DP ex/s − 1)"] = common.median(
+                [a / b - 1 for a, b in zip(rate[nodp], rate[dp])])
+        out[clock] = {"examples_per_second": {n: common.median(v) for n, v in rate.items()},
+                      "ratios": ratios}
+    out["runs"] = [{n: {"wall": round(m.wall, 3), "cpu": round(m.cpu, 3), "examples": m.examples}
+                    for n, m in r.items()} for r in runs]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,10 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     result = {**summarise(runs, args.methods, args.reference), "setup": info,
               "repeats": args.repeats, "steps": args.steps, "overrides": args.overrides,
               "machine": common.machine(), "targets": TARGETS}
-    eps = result["examples_per_second"]
-    print(common.table(["contender", "examples/s (median)"], [(n, eps[n]) for n in eps]))
+    wall, cpu = result["wall"], result["cpu"]
+    print(common.table(["contender", "examples/s (wall)", "examples/s (CPU)"],
+                       [(n, wall["examples_per_second"][n], cpu["examples_per_second"][n])
+                        for n in wall["examples_per_second"]]))
     print()
-    print(common.table(["ratio (median over repeats)", "value"], list(result["ratios"].items())))
+    print(common.table(["ratio (median over repeats)", "wall", "CPU"],
+                       [(k, v, cpu["ratios"][k]) for k, v in wall["ratios"].items()]))
     print(f"\nreal tokens / computed tokens: fedlora micro-batches {info['padding']['micro_batches']}, "
           f"padded to max_length {info['padding']['max_length']}")
     common.write_json(args.json, result)
