@@ -22,22 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import rss_mb
+
 POSITIVE = "good great excellent moving brilliant fun superb charming".split()
 NEGATIVE = "bad awful dull boring terrible weak messy tedious".split()
 FILLER = "the movie film plot actor scene story it was a and with of".split()
-
-
-def rss_mb() -> float:
-    """Resident set size now (Linux /proc); elsewhere the peak from getrusage."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def tiny_model(folder: Path) -> Path:

@@ -1,0 +1,55 @@
+"""The benchmark scripts run, on the tiny model: every contender and part is measured, and the
+round breakdown accounts for the whole round (no phase lost or counted twice)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture()
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    yield
+    for name in ("throughput", "round_breakdown", "scaling", "reference_opacus", "common"):
+        sys.modules.pop(name, None)
+
+
+def _tiny(tiny_overrides):
+    keep = ("model.", "data.path", "data.text_column", "data.label_column")
+    return [o for o in tiny_overrides if o.startswith(keep)] + [
+        "data.partition=iid", "train.batch_size=16", "train.micro_batch_size=4"]
+
+
+def test_throughput_measures_every_contender(bench, tiny_overrides, tmp_path):
+    import throughput
+
+    out = tmp_path / "t.json"
+    assert throughput.main([*_tiny(tiny_overrides), "--threads", "1", "--repeats", "1",
+                            "--reference", "ffa", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    names = {"PEFT+Opacus ffa", "floor ffa", "fedlora ffa, DP", "fedlora ffa, no DP",
+             "floor lora", "fedlora lora, DP", "fedlora lora, no DP"}
+    assert set(result["cpu"]["examples_per_second"]) == names
+    run = result["runs"][0]
+    assert run["floor ffa"]["examples"] == run["fedlora ffa, DP"]["examples"] > 0  # same batches
+    assert all(v > 0 for v in result["wall"]["examples_per_second"].values())
+    assert 0 < result["setup"]["padding"]["max_length"] < result["setup"]["padding"]["micro_batches"] <= 1
+
+
+def test_round_breakdown_parts_add_up_to_the_round(bench, tiny_overrides, tmp_path):
+    import round_breakdown
+
+    out = tmp_path / "b.json"
+    assert round_breakdown.main([*_tiny(tiny_overrides), "--threads", "1", "--rounds", "2",
+                                 "--json", str(out)]) == 0
+    parts = json.loads(out.read_text())["seconds_per_round"]
+    main = ("local training", "serialisation", "aggregation", "evaluation", "other")
+    assert sum(parts[k] for k in main) == pytest.approx(parts["round"], rel=1e-9)
+    assert parts["other"] == pytest.approx(sum(v for k, v in parts.items() if k.startswith("other:")))
+    assert parts["local training"] > 0 and parts["evaluation"] > 0
