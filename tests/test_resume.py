@@ -97,6 +97,8 @@ def outcome(folder: Path) -> dict:
     summary = json.loads((folder / "summary.json").read_text())
     for k in ("wall_seconds", "out"):
         summary.pop(k, None)
+    if summary.get("feature_center"):
+        summary["feature_center"].pop("seconds")
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     for m in metrics:
         m.pop("seconds")

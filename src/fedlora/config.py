@@ -85,7 +85,7 @@ class FederationConfig:
 class MethodConfig:
     name: str = _f("ffa", "federated method (see `fedlora methods`)")
     rank: int = _f(8, "LoRA rank r")
-    alpha: float = _f(8.0, "LoRA scaling alpha; the update is (alpha/r)·B·A")
+    alpha: float = _f(1.0, "LoRA scaling alpha; the update is (alpha/r)·B·A")
     target_modules: list[str] = _f(["query", "value"], "names of the linear layers that get LoRA")
     client_ranks: list[int] = _f(
         [], "one LoRA rank per client, e.g. [4, 8, 16] (empty = every client uses method.rank); "
@@ -102,7 +102,7 @@ class MethodConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = _f(256, "expected examples per DP-SGD step (Poisson sampling)")
-    lr: float = _f(0.005, "learning rate of the local optimizer")
+    lr: float = _f(0.02, "learning rate of the local optimizer")
     optimizer: str = _f("adam", f"local optimizer: {', '.join(OPTIMIZERS)}")
     momentum: float = _f(0.9, "SGD momentum (reset each round: optimizer state never leaves a client)")
     micro_batch_size: int = _f(64, "examples per forward pass; a batch is split, never changed")
