@@ -41,7 +41,7 @@ def test_expansion_is_the_cartesian_product_seed_by_seed():
     assert [s for s, _, _ in got] == sorted(s for s, _, _ in got)  # all of seed 0 first
     assert all(r.config.method.rank == 4 for r in runs)           # a scalar is fixed
     assert len({r.name for r in runs}) == 12
-    assert runs[0].name == "name=lora,epsilon=inf,seed=0"
+    assert runs[0].name == "method=lora,epsilon=inf,seed=0"
 
 
 def test_cases_are_alternatives_and_equal_configs_are_one_run():
@@ -59,8 +59,21 @@ def test_cases_are_alternatives_and_equal_configs_are_one_run():
             for p, a in [("iid", None), ("dirichlet", 1.0), ("dirichlet", 0.1), ("group", None)]}
     assert len(runs) == 8 and got == want
     names = {r.name for r in runs}
-    assert "name=ffa,partition=iid" in names
-    assert "name=lora,partition=dirichlet,dirichlet_alpha=0.1" in names
+    assert "method=ffa,partition=iid" in names
+    assert "method=lora,partition=dirichlet,dirichlet_alpha=0.1" in names
+
+
+def test_groups_of_cases_are_crossed():
+    grid = parse_grid({"cases": {
+        "split": [{"data": {"partition": "iid"}},
+                  {"data": {"partition": "dirichlet", "dirichlet_alpha": [1.0, 0.1]}}],
+        "method": [{"method": {"name": "lora"}, "train": {"lr": [0.001, 0.002]}},
+                   {"method": {"name": "ffa"}, "train": {"lr": 0.01}}]}})
+    got = sorted((r.config.data.partition, r.config.data.dirichlet_alpha, r.config.method.name,
+                  r.config.train.lr) for r in grid.runs())
+    splits = [("iid", 0.5), ("dirichlet", 1.0), ("dirichlet", 0.1)]
+    methods = [("lora", 0.001), ("lora", 0.002), ("ffa", 0.01)]
+    assert got == sorted((p, a, m, lr) for p, a in splits for m, lr in methods)
 
 
 def test_list_typed_keys_sweep_with_a_list_of_lists():
@@ -79,6 +92,8 @@ BAD_GRIDS = [
     ({"cases": {"seed": 1}}, ["cases", "[[cases]]"]),
     ({"cases": [{}]}, ["[[cases]] #1 is empty"]),
     ({"cases": [{"data": {"partitio": "iid"}}]}, ["[[cases]] #1", "data.partitio"]),
+    ({"cases": {"a": [{"seed": 1}], "b": [{"seed": 2}]}}, ["[[cases.a]] and [[cases.b]]", "seed"]),
+    ({"cases": {"a": [{"seed": 1}], "b": {"seed": 2}}}, ["cases", "[[cases.NAME]]"]),
     ({"sweep": {"outt": "x"}}, ["sweep.outt", "did you mean 'out'"]),
     ({"sweep": {"out": 3}}, ["sweep.out", "folder"]),
     ({"train": {"lr": [0.1, 0.2]}, "data": {"validation_fraction": 0.1},
@@ -181,13 +196,15 @@ def test_selection_chooses_each_methods_rate_on_validation(tmp_path, tiny_overri
     raw["seed"] = [0, 1]
     raw["cases"] = [{"method": {"name": "lora"}, "train": {"lr": [0.001, 0.05]}},
                     {"method": {"name": "ffa"}, "train": {"lr": [0.01, 0.2]}}]
-    raw["select"] = {"over": "train.lr", "per": ["method.name"], "grid": {"seed": [0]}}
+    shared = tmp_path / "shared-select"
+    raw["select"] = {"over": "train.lr", "per": ["method.name"], "grid": {"seed": [0]},
+                     "out": str(shared)}
     out = tmp_path / "sel"
     lines: list[str] = []
     result = sweep(parse_grid(raw), out, progress=lines.append)
     # reference: the validation accuracy read straight from the selection runs' files
     scores = {}
-    for folder in (out / "select").iterdir():
+    for folder in shared.iterdir():
         config = load_config(folder / "config.toml")
         assert config.seed == 0  # [select.grid] restricted the selection runs
         last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
@@ -205,9 +222,21 @@ def test_selection_chooses_each_methods_rate_on_validation(tmp_path, tiny_overri
         config = load_config(f"{folder}/config.toml")
         finals[(config.method.name, config.seed)] = config.train.lr
     assert finals == {(m, s): chosen[m] for m in chosen for s in (0, 1)}
-    assert sum("same config as select/" in x for x in lines) == 2
+    assert sum("same config as selection run" in x for x in lines) == 2
     assert (out / "selection.md").read_text().count("**yes**") == 2
     assert lines[0].startswith("sweep ") and "8 runs" in lines[0]
+    assert sorted(p.name for p in shared.iterdir()) == [
+        "method=ffa,lr=0.01", "method=ffa,lr=0.2", "method=lora,lr=0.001", "method=lora,lr=0.05"]
+
+    # another study sharing the selection folder: its identical selection runs are not redone
+    raw["privacy"] = {"epsilon": [3.0, math.inf]}
+    raw["select"]["grid"]["privacy"] = {"epsilon": [3.0]}
+    lines.clear()
+    again = sweep(parse_grid(raw), tmp_path / "other", progress=lines.append)
+    assert sum("complete, skipped" in x for x in lines) == 4
+    assert json.loads((tmp_path / "other" / "selection.json").read_text()) == on_disk | {
+        "grid": {"seed": [0], "privacy.epsilon": [3.0]}}
+    assert len(again["runs"]) == 8
 
 
 # ---------------------------------------------------------------------------- choice (pure)
@@ -229,9 +258,44 @@ def test_choose_by_mean_over_seeds_ties_to_the_first_nan_last():
     assert sel.choose(loss, [("a", r("x", 1), 0.5), ("b", r("x", 2), 0.4)])[0].chosen == {"train.lr": 2}
 
 
+def test_an_override_of_a_key_the_cases_set_is_refused(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text('[[cases]]\nmethod.name = "lora"\n[[cases]]\nmethod.name = "ffa"\n')
+    with pytest.raises(ConfigError, match="method.name is also set by the \\[\\[cases\\]\\]"):
+        load_grid(path, ["method.name=fedex"])
+    assert len(load_grid(path, ["seed=[0, 1]"]).runs()) == 4
+
+
 def test_grid_file_and_overrides(tmp_path):
     path = tmp_path / "g.toml"
     path.write_text('seed = [0, 1]\n[method]\nname = ["lora", "ffa"]\n[sweep]\nout = "runs/x"\n')
     grid = load_grid(path, ["privacy.epsilon=[1, 3]", "threads=1"])
     assert len(grid.runs()) == 8 and grid.out == "runs/x"
     assert all(r.config.threads == 1 for r in grid.runs())
+
+
+# ---------------------------------------------------------------------------- the study configs
+
+STUDIES = {"privacy": (21, 84), "alpha": (0, 30), "heterogeneity": (6, 24), "communication": (21, 21)}
+
+
+@pytest.mark.parametrize("study", sorted(STUDIES))
+def test_study_configs_are_headed_by_their_command_and_expand_as_documented(study):
+    from pathlib import Path
+
+    from fedlora.study.grid import identity
+    from fedlora.study.sweep import final_count
+
+    path = Path(__file__).parent.parent / "configs" / "study" / f"{study}.toml"
+    assert path.read_text().startswith(f"# fedlora sweep --config configs/study/{study}.toml "
+                                       f"&& fedlora report runs/study/{study}\n")
+    grid = load_grid(path)
+    selection = grid.selection_runs() if grid.select else []
+    final = final_count(grid, grid.runs()) if grid.select else len(grid.runs())
+    assert (len(selection), final) == STUDIES[study]
+    assert grid.out == f"runs/study/{study}"
+    if grid.select:  # the studies share study 1's selection runs: same names, same configs
+        privacy = load_grid(path.parent / "privacy.toml")
+        shared = {(r.name, identity(r.config)) for r in privacy.selection_runs()}
+        assert {(r.name, identity(r.config)) for r in selection} <= shared
+        assert all(r.config.seed == 0 and r.config.privacy.epsilon == 3 for r in selection)

@@ -14,7 +14,8 @@ The runs are the Cartesian product of the lists. Keys whose own type is a list
 `[[cases]]` tables (each `section.key = value or list`) are alternatives: the runs are the union
 over cases of the product of (the file's keys, overridden by the case's keys). Cases say what a
 plain product cannot, e.g. "IID, or Dirichlet with α ∈ {1, 0.1}", or a learning-rate grid of
-its own for each method. `[select]` chooses a key on the validation split (see select.py).
+its own for each method. Several groups, `[[cases.split]]` and `[[cases.method]]`, are crossed:
+each run takes one case from every group. `[select]` chooses a key on the validation split (see select.py).
 
 Every run's config is built and validated before anything is written; a bad grid stops with one
 `ConfigError` naming the key.
@@ -41,7 +42,8 @@ from fedlora.errors import ConfigError
 
 META = ("sweep", "select", "cases")
 SWEEP_KEYS = ("out",)
-SELECT_KEYS = ("metric", "over", "per", "grid")
+SELECT_KEYS = ("metric", "over", "per", "grid", "out")
+ALIASES = {"method.name": "method"}  # in run names: "name=lora" would say little
 METRICS = ("validation_accuracy", "validation_loss")  # never a test metric: that would be tuning on test
 
 
@@ -66,6 +68,8 @@ class Selection:
     over: list[str]
     per: list[str]
     grid: dict[str, Any] = field(default_factory=dict)  # replaces keys in the selection runs
+    out: str | None = None  # folder of the selection runs (default: OUT/select); several
+    #                         studies may share one, their identical runs are then made once
 
     @property
     def maximise(self) -> bool:
@@ -88,7 +92,6 @@ class Grid:
     select: Selection | None
     out: str | None
     source: str = "grid"
-    name_keys: list[str] = field(default_factory=list)
 
     def settings(self, replace: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Each case's keys over the file's, `replace` over both; products of the lists."""
@@ -114,14 +117,16 @@ class Grid:
         return self.runs_of([{**s, **chosen(build_config(s, self.source))} for s in self.settings()])
 
     def runs_of(self, settings: list[dict[str, Any]]) -> list[Run]:
+        """Distinct runs, each named by the keys that tell it apart from the others."""
         runs, seen = [], set()
         for setting in settings:
-            config = build_config(setting, f"{self.source}, run {run_name(setting, self.name_keys)}")
+            config = build_config(setting, f"{self.source}, run {run_name(setting, list(setting))}")
             ident = identity(config)
             if ident not in seen:
                 seen.add(ident)
                 runs.append(Run("", config, setting))
-        names = [run_name(r.setting, self.name_keys) for r in runs]
+        keys = name_keys([r.setting for r in runs])
+        names = [run_name(r.setting, keys) for r in runs]
         for run, name in zip(runs, names):  # same name, different config: keep them apart
             run.name = name if names.count(name) == 1 else f"{name}-{_digest(identity(run.config))}"
         return runs
@@ -141,36 +146,73 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
         raise ConfigError(f"--config: '{path}' is not valid UTF-8 TOML ({err}) — fix the syntax") from None
     for item in overrides or []:
         apply_override(raw, item)
-    return parse_grid(raw, str(path))
+    grid = parse_grid(raw, str(path))
+    for item in overrides or []:
+        key = item.partition("=")[0].strip()
+        if any(key in case for case in grid.cases):
+            raise ConfigError(f"override '{item}': {key} is also set by the [[cases]] of '{path}', "
+                              "whose values win — change it in the cases instead")
+    return grid
 
 
 def parse_grid(raw: dict[str, Any], source: str = "grid") -> Grid:
     raw = dict(raw)
     sweep = _table(raw.pop("sweep", {}), "[sweep]", SWEEP_KEYS)
     select = raw.pop("select", None)
-    cases = raw.pop("cases", [])
-    if not isinstance(cases, list) or not all(isinstance(c, dict) for c in cases):
-        raise ConfigError("cases must be an array of tables: write each case as [[cases]] "
-                          "followed by its section.key = value lines")
+    groups = _case_groups(raw.pop("cases", []))
     base = _flat(raw, "")
-    flat_cases = [_flat(c, f"[[cases]] #{i + 1}: ") for i, c in enumerate(cases)]
-    for i, case in enumerate(flat_cases):
-        if not case:
-            raise ConfigError(f"[[cases]] #{i + 1} is empty — give it at least one section.key = value")
-    for where, table in [("", base)] + [(f"[[cases]] #{i + 1}: ", c) for i, c in enumerate(flat_cases)]:
-        for key, value in table.items():
-            _check_value(key, value, where)
+    for key, value in base.items():
+        _check_value(key, value, "")
+    flat_groups = []
+    for group, cases in groups.items():
+        flat = []
+        for i, case in enumerate(cases):
+            where = f"[[{group}]] #{i + 1}: "
+            flat.append(_flat(case, where))
+            if not flat[-1]:
+                raise ConfigError(f"{where[:-2]} is empty — give it at least one section.key = value")
+            for key, value in flat[-1].items():
+                _check_value(key, value, where)
+        flat_groups.append((group, flat))
+    flat_cases = _cross(flat_groups)
     out = sweep.get("out")
     if out is not None and not (isinstance(out, str) and out):
         raise ConfigError(f"sweep.out must be a folder path (a string), got {out!r}")
     grid = Grid(base, flat_cases, None, out, source)
-    grid.name_keys = _name_keys(base, flat_cases)
     if select is not None:
         grid.select = _parse_select(select, grid)
     runs = grid.runs()  # builds and validates every config now, before anything is written
     if grid.select is not None:
         _check_selectable(grid, runs)
     return grid
+
+
+def _case_groups(cases: Any) -> dict[str, list[dict[str, Any]]]:
+    """`[[cases]]` is one group of alternatives; `[[cases.NAME]]` tables form named groups."""
+    if isinstance(cases, list):
+        groups = {"cases": cases}
+    elif isinstance(cases, dict) and all(isinstance(v, list) for v in cases.values()):
+        groups = {f"cases.{k}": v for k, v in cases.items()}
+    else:
+        groups = None
+    if groups is None or not all(isinstance(c, dict) for g in groups.values() for c in g):
+        raise ConfigError("cases must be an array of tables: write each case as [[cases]] (or "
+                          "[[cases.NAME]] for several groups) followed by section.key = value lines")
+    return groups
+
+
+def _cross(groups: list[tuple[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """One case from each group, merged: the groups are crossed, the cases of a group are
+    alternatives. Two groups may not set the same key (which would win is not obvious)."""
+    for (g1, c1), (g2, c2) in itertools.combinations(groups, 2):
+        shared = sorted({k for c in c1 for k in c} & {k for c in c2 for k in c})
+        if shared:
+            raise ConfigError(f"[[{g1}]] and [[{g2}]] both set {', '.join(shared)} — set each key "
+                              "in one group of cases only")
+    if not groups:
+        return []
+    return [dict(kv for case in combo for kv in case.items())
+            for combo in itertools.product(*(cases for _, cases in groups))]
 
 
 def _table(value: Any, name: str, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -233,12 +275,19 @@ def _default(key: str) -> str:
     return json.dumps(value)
 
 
-def _name_keys(base: dict[str, Any], cases: list[dict[str, Any]]) -> list[str]:
-    """Keys that tell runs apart: every swept key, and every key a case sets (seed last)."""
-    keys = [k for k, v in base.items() if _is_axis(k, v)]
-    for case in cases:
-        keys += [k for k in case if k not in keys]
-    return sorted(keys, key=lambda k: (k != "method.name", k == "seed"))
+def name_keys(settings: list[dict[str, Any]]) -> list[str]:
+    """The keys whose values differ between these settings (a key some settings do not set
+    counts as differing), the method first and the seed last."""
+    keys = list(dict.fromkeys(k for s in settings for k in s))
+    missing = object()
+    varied = [k for k in keys if len({repr(s.get(k, missing)) for s in settings}) > 1]
+    return sorted(varied, key=lambda k: (k != "method.name", k == "seed"))
+
+
+def _declared_axes(grid: Grid) -> list[str]:
+    """Keys that hold a list of values in the file or in a case."""
+    keys = [k for k, v in grid.base.items() if _is_axis(k, v)]
+    return keys + [k for case in grid.cases for k, v in case.items() if _is_axis(k, v)]
 
 
 def _parse_select(raw: Any, grid: Grid) -> Selection:
@@ -265,7 +314,7 @@ def _parse_select(raw: Any, grid: Grid) -> Selection:
         if key in per:
             raise ConfigError(f"select: '{key}' is in both select.over and select.per — "
                               "a key is either chosen or chosen for")
-        if key not in grid.name_keys:
+        if key not in _declared_axes(grid):
             value = grid.base.get(key, _default(key))
             raise ConfigError(f"select.over: {key} holds one value ({value}) — give its candidate "
                               f"values as a list, e.g. {key} = [0.001, 0.005, 0.02], or one list "
@@ -280,7 +329,10 @@ def _parse_select(raw: Any, grid: Grid) -> Selection:
             role = "chosen" if key in over else "chosen separately for each value of"
             raise ConfigError(f"select.grid cannot set {key}: it is the key {role} — remove it "
                               "from [select.grid]")
-    return Selection(metric, over, per, replace)
+    out = table.get("out")
+    if out is not None and not (isinstance(out, str) and out):
+        raise ConfigError(f"select.out must be a folder path (a string), got {out!r}")
+    return Selection(metric, over, per, replace, out)
 
 
 def _check_selectable(grid: Grid, runs: list[Run]) -> None:
@@ -318,11 +370,11 @@ def _digest(text: str) -> str:
 
 
 def run_name(setting: dict[str, Any], keys: list[str]) -> str:
-    """`name=lora,epsilon=3,seed=0`: the grid's varied keys (short where unambiguous)."""
+    """`method=lora,epsilon=3,seed=0`: the varied keys (short where unambiguous)."""
     shown = [k for k in keys if k in setting]
     if not shown:
         return "run"
-    short = [k.rpartition(".")[2] for k in shown]
+    short = [ALIASES.get(k, k.rpartition(".")[2]) for k in shown]
     parts = [f"{s if short.count(s) == 1 else k}={_text(setting[k])}" for k, s in zip(shown, short)]
     name = ",".join(parts)
     return name if len(name) <= 120 else f"{name[:110]}-{_digest(name)}"

@@ -60,6 +60,10 @@ def out_dir(grid: Grid, out: str | Path | None) -> Path:
     return Path("runs") / f"sweep-{Path(grid.source).stem}"
 
 
+def select_dir(grid: Grid, out: Path) -> Path:
+    return Path(grid.select.out) if grid.select and grid.select.out else out / SELECT_DIR
+
+
 def sweep(grid: Grid, out: str | Path | None = None, *,
           progress: Callable[[str], None] | None = print, dry_run: bool = False) -> dict:
     """Run the grid; returns {"out", "runs": [final run folders], "selection": ... or None}."""
@@ -67,11 +71,12 @@ def sweep(grid: Grid, out: str | Path | None = None, *,
     out = out_dir(grid, out)
     final = grid.runs()
     planned = grid.selection_runs() if grid.select else []
-    total = len(planned) + (_final_count(grid, final) if grid.select else len(final))
-    say(_plan(grid, out, planned, final, total))
+    total = len(planned) + (final_count(grid, final) if grid.select else len(final))
+    chosen_in = select_dir(grid, out)
+    say(_plan(grid, out, chosen_in, planned, total))
     if dry_run:
         for run in planned:
-            say(f"  {_state(out / SELECT_DIR / run.name, run.config)}  {SELECT_DIR}/{run.name}")
+            say(f"  {_state(chosen_in / run.name, run.config)}  {chosen_in / run.name}")
         for run in ([] if grid.select else final):
             say(f"  {_state(out / run.name, run.config)}  {run.name}")
         return {"out": str(out), "runs": [], "selection": None}
@@ -80,7 +85,7 @@ def sweep(grid: Grid, out: str | Path | None = None, *,
     copies: dict[str, Path] = {}
     selection = None
     if grid.select:
-        folders = [_run_one(run, out / SELECT_DIR, tracker, f"{SELECT_DIR}/") for run in planned]
+        folders = [_run_one(run, chosen_in, tracker, f"{chosen_in}/") for run in planned]
         copies = {identity(r.config): f for r, f in zip(planned, folders)}
         selection = _choose(grid, out, planned, folders, say)
         final = grid.final_runs(lambda config: sel.lookup(grid.select, selection,
@@ -88,27 +93,28 @@ def sweep(grid: Grid, out: str | Path | None = None, *,
     folders = [_run_one(run, out, tracker, "", copies) for run in final]
     c = tracker.counts
     say(f"sweep done: {len(folders)} run folders in {out} ({c['ran']} run, {c['resumed']} resumed, "
-        f"{c['skipped']} already complete, {c['copied']} copied from {SELECT_DIR}/) — "
+        f"{c['skipped']} already complete, {c['copied']} copied from the selection runs) — "
         f"tables and plots: fedlora report {out}")
     return {"out": str(out), "runs": [str(f) for f in folders],
             "selection": None if selection is None else sel.to_json(grid.select, selection)}
 
 
-def _final_count(grid: Grid, final: list[Run]) -> int:
+def final_count(grid: Grid, final: list[Run]) -> int:
+    """How many final runs a grid with [select] makes: its runs with the chosen keys left out."""
     over = set(grid.select.over)
     return len({json.dumps({k: v for k, v in flat_config(r.config).items()
                             if k not in over and k != "threads"}, sort_keys=True, default=str)
                 for r in final})
 
 
-def _plan(grid: Grid, out: Path, planned: list[Run], final: list[Run], total: int) -> str:
+def _plan(grid: Grid, out: Path, chosen_in: Path, planned: list[Run], total: int) -> str:
     if not grid.select:
         return f"sweep {grid.source}: {total} runs → {out}/"
     s = grid.select
     return (f"sweep {grid.source}: {total} runs → {out}/: {len(planned)} choosing "
             f"{', '.join(s.over)} on {s.metric}"
             + (f" per {', '.join(s.per)}" if s.per else "")
-            + f" (in {out / SELECT_DIR}/), then {total - len(planned)} at the chosen values")
+            + f" (in {chosen_in}/), then {total - len(planned)} at the chosen values")
 
 
 def _state(folder: Path, config: Config) -> str:
@@ -153,7 +159,7 @@ def _run_one(run: Run, out: Path, tracker: Progress, label: str,
         shutil.copytree(source, partial)
         os.replace(partial, folder)
         tracker.counts["copied"] += 1
-        tracker.say(f"{head} · same config as {SELECT_DIR}/{source.name}, copied")
+        tracker.say(f"{head} · same config as selection run {source}, copied")
         return folder
     resume = partial.exists()
     if resume:
