@@ -209,3 +209,22 @@ def test_report_refuses_what_it_cannot_read(tmp_path, study):
     with pytest.raises(ReportError, match="--out"):
         write_report([study, twin])
     assert not (study / "report").exists()
+
+
+def test_a_key_set_per_method_is_a_column_not_a_factor(tmp_path):
+    """Learning rates chosen per method vary, but are not crossed with anything: no plot
+    against them, no '× lr ∈ {…}' in the title, no lr in the legend."""
+    for method, lr in [("lora", 0.001), ("ffa", 0.01)]:
+        for eps in (3.0, math.inf):
+            write_run(tmp_path / "r" / f"{method}{eps}",
+                      [f"method.name={method}", f"train.lr={lr}", f"privacy.epsilon={eps}"], [0.6])
+    table = group(find_runs([tmp_path / "r"]))
+    assert table.keys == ["method.name", "train.lr", "privacy.epsilon"]
+    assert table.factors == ["method.name", "privacy.epsilon"]
+    files = build([tmp_path / "r"])
+    assert "accuracy_vs_lr.png" not in files and "accuracy_vs_epsilon.png" in files
+    assert "| lora | 0.001 | 3 | 1 |" in files["results.md"]
+    line1, _ = describe(table)
+    assert line1.startswith("method ∈ {ffa, lora} × ε ∈ {3, ∞}, lr per setting (in the table)")
+    fig = plots.accuracy_versus(table, "privacy.epsilon", "t")
+    assert sorted(c.get_label() for c in fig.axes[0].containers) == ["ffa", "lora"]

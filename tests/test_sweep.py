@@ -299,3 +299,25 @@ def test_study_configs_are_headed_by_their_command_and_expand_as_documented(stud
         shared = {(r.name, identity(r.config)) for r in privacy.selection_runs()}
         assert {(r.name, identity(r.config)) for r in selection} <= shared
         assert all(r.config.seed == 0 and r.config.privacy.epsilon == 3 for r in selection)
+
+
+def test_the_study_on_your_own_csv_from_the_command_line(tmp_path, tiny_overrides, capsys):
+    """The README's recipe: a study config, the data keys overridden, an out folder of one's own."""
+    from pathlib import Path
+
+    config = Path(__file__).parent.parent / "configs" / "study" / "privacy.toml"
+    out = tmp_path / "mine" / "privacy"
+    argv = ["sweep", "--config", str(config), "--out", str(out), *tiny_overrides, "seed=[0]",
+            "privacy.epsilon=[3.0]"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "note: the selection runs keep seed = [0]" in printed
+    assert len(list((tmp_path / "mine" / "select").iterdir())) == 21  # 7 methods × 3 rates
+    finals = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert len(finals) == 7 and all(load_config(out / f / "config.toml").data.path.endswith(".csv")
+                                    for f in finals)
+    assert printed.count("copied") >= 7
+    assert main(["report", str(out)]) == 0
+    md = (out / "report" / "report.md").read_text()
+    assert "## Hyperparameters chosen on the validation split" in md
+    assert md.count("**yes**") == 7

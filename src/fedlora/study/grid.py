@@ -68,8 +68,8 @@ class Selection:
     over: list[str]
     per: list[str]
     grid: dict[str, Any] = field(default_factory=dict)  # replaces keys in the selection runs
-    out: str | None = None  # folder of the selection runs (default: OUT/select); several
-    #                         studies may share one, their identical runs are then made once
+    out: str | None = None  # folder of the selection runs, relative to OUT (default "select");
+    #                         studies may share one ("../select"): identical runs are made once
 
     @property
     def maximise(self) -> bool:
@@ -92,6 +92,7 @@ class Grid:
     select: Selection | None
     out: str | None
     source: str = "grid"
+    notes: list[str] = field(default_factory=list)  # said before the sweep starts
 
     def settings(self, replace: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Each case's keys over the file's, `replace` over both; products of the lists."""
@@ -152,6 +153,10 @@ def load_grid(path: str | Path, overrides: list[str] | None = None) -> Grid:
         if any(key in case for case in grid.cases):
             raise ConfigError(f"override '{item}': {key} is also set by the [[cases]] of '{path}', "
                               "whose values win — change it in the cases instead")
+        if grid.select and key in grid.select.grid:  # legitimate (seed=[0]), but say so
+            grid.notes.append(f"note: the selection runs keep {key} = "
+                              f"{grid.select.grid[key]!r} from [select.grid]; '{item}' applies "
+                              "to the final runs")
     return grid
 
 

@@ -36,7 +36,7 @@ def _colors(labels: list[str]) -> dict[str, Any]:
 
 def _series(table: Table, without: list[str]) -> tuple[list[str], dict[str, list[Row]]]:
     """Rows grouped into lines: one per value of the varied keys other than `without`."""
-    keys = [k for k in table.keys if k not in without]
+    keys = [k for k in table.factors if k not in without]
     lines: dict[str, list[Row]] = {}
     for row in table.rows:
         lines.setdefault(label(row.setting, keys), []).append(row)
@@ -157,7 +157,7 @@ def accuracy_by_split(table: Table, suptitle: str) -> Figure:
 def accuracy_versus_bytes(table: Table, suptitle: str, target: float) -> Figure:
     """Test accuracy against the bytes sent so far (up + down, all clients): the price of accuracy."""
     fig, (ax,) = figure(suptitle)
-    labels = [label(row.setting, table.keys) for row in table.rows]
+    labels = [label(row.setting, table.factors) for row in table.rows]
     colors = _colors(labels)
     for lab, row in zip(labels, table.rows):
         curve = row.mean_curve()

@@ -32,7 +32,9 @@ def describe(table: Table) -> tuple[str, str]:
     f = table.fixed
     varied = " × ".join(
         f"{name(k)} ∈ {{{', '.join(dict.fromkeys(show(r.setting[k]) for r in table.rows))}}}"
-        for k in table.keys)
+        for k in table.factors)
+    varied += "".join(f", {name(k)} per setting (in the table)"
+                      for k in table.keys if k not in table.factors)
     what = " ".join(x for x in [f.get("method.name"), varied] if x)
     model = Path(str(f.get("model.path", "various models"))).name
     data = Path(str(f.get("data.path", "various data"))).name
@@ -63,7 +65,7 @@ def build(dirs: list[str | Path], target: float | None = None) -> dict[str, byte
     line1, line2 = describe(table)
     title = f"{line1}\n{line2}"
     figures = {"accuracy_per_round.png": plots.accuracy_per_round(table, title)}
-    for key in table.keys:
+    for key in table.factors:
         values = [row.setting[key] for row in table.rows]
         if key != SPLIT and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                 for v in values):

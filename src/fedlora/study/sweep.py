@@ -61,7 +61,10 @@ def out_dir(grid: Grid, out: str | Path | None) -> Path:
 
 
 def select_dir(grid: Grid, out: Path) -> Path:
-    return Path(grid.select.out) if grid.select and grid.select.out else out / SELECT_DIR
+    """Where the selection runs go: `select.out`, relative to the sweep's out folder."""
+    if grid.select and grid.select.out:
+        return Path(os.path.normpath(out / grid.select.out))
+    return out / SELECT_DIR
 
 
 def sweep(grid: Grid, out: str | Path | None = None, *,
@@ -74,6 +77,8 @@ def sweep(grid: Grid, out: str | Path | None = None, *,
     total = len(planned) + (final_count(grid, final) if grid.select else len(final))
     chosen_in = select_dir(grid, out)
     say(_plan(grid, out, chosen_in, planned, total))
+    for note in grid.notes:
+        say(note)
     if dry_run:
         for run in planned:
             say(f"  {_state(chosen_in / run.name, run.config)}  {chosen_in / run.name}")

@@ -92,7 +92,20 @@ class Table:
     seeds: list[int]
 
     def has(self, key: str) -> bool:
-        return key in self.keys
+        return key in self.factors
+
+    @property
+    def factors(self) -> list[str]:
+        """The varied keys that are crossed with the others. A key whose value the other keys
+        already determine (a learning rate chosen per method) is not one: it has no line to
+        draw and nothing to add to a label. Found greedily from the last key, keeping the
+        method: drop a key while the remaining ones still tell every row apart."""
+        keep = list(self.keys)
+        for key in reversed(self.keys):
+            rest = [k for k in keep if k != key]
+            if rest and len({tuple(repr(r.setting[k]) for k in rest) for r in self.rows}) == len(self.rows):
+                keep = rest
+        return keep
 
 
 def group(runs: list[RunResult]) -> Table:
