@@ -89,6 +89,7 @@ BAD_GRIDS = [
     ({"seed": []}, ["seed = []", "at least one value"]),
     ({"privacy": {"epsilon": [3, "x"]}}, ["privacy.epsilon", "number"]),
     ({"threads": [1, 2]}, ["threads cannot be swept"]),
+    ({"seed": [0, "x"]}, ["seed must be an integer, got 'x'"]),
     ({"cases": {"seed": 1}}, ["cases", "[[cases]]"]),
     ({"cases": [{}]}, ["[[cases]] #1 is empty"]),
     ({"cases": [{"data": {"partitio": "iid"}}]}, ["[[cases]] #1", "data.partitio"]),

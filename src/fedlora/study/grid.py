@@ -103,7 +103,7 @@ class Grid:
             for combo in itertools.product(*(v for _, v in axes)):
                 out.append({**merged, **dict(zip((k for k, _ in axes), combo))})
         # seed by seed: an interrupted sweep has already run every setting once
-        return sorted(out, key=lambda s: s.get("seed", 0))
+        return sorted(out, key=_seed)
 
     def runs(self, replace: dict[str, Any] | None = None) -> list[Run]:
         """The distinct runs (two settings that resolve to the same config are one run)."""
@@ -131,6 +131,11 @@ class Grid:
         for run, name in zip(runs, names):  # same name, different config: keep them apart
             run.name = name if names.count(name) == 1 else f"{name}-{_digest(identity(run.config))}"
         return runs
+
+
+def _seed(setting: dict[str, Any]) -> tuple:
+    seed = setting.get("seed", 0)  # not yet validated: a bad one is reported by name later
+    return (0, seed, "") if isinstance(seed, int) else (1, 0, repr(seed))
 
 
 # ---------------------------------------------------------------------------- parsing

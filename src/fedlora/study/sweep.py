@@ -24,7 +24,7 @@ from typing import Callable
 
 import fedlora
 from fedlora.config import Config, load_config
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, FedloraError
 from fedlora.fsutil import atomic_write_bytes
 from fedlora.outputs import PARTIAL
 from fedlora.study import select as sel
@@ -136,7 +136,7 @@ def _same_config(folder: Path, config: Config) -> str | None:
     """None if `folder/config.toml` holds `config` (threads aside), else what differs."""
     try:
         stored = load_config(folder / "config.toml")
-    except Exception as err:  # noqa: BLE001 - any unreadable config means "not this run"
+    except FedloraError as err:  # missing or unreadable: not this run
         return f"no readable config.toml ({err})"
     if identity(stored) == identity(config):
         return None
