@@ -165,6 +165,7 @@ def test_report_files_are_written(study, tmp_path, capsys):
     assert png_size(out / "accuracy_per_round.png")[0] > png_size(out / "accuracy_vs_bytes.png")[0]
     md = (out / "report.md").read_text()
     assert md.startswith("# method ∈ {ffa, lora} × ε ∈ {3, ∞}")
+    assert "11 complete run folders" in md and "0.4 hours of run time" in md  # 11 × 120 s
     assert "![accuracy vs epsilon](accuracy_vs_epsilon.png)" in md
     assert "test accuracy ≥ 0.600" in md and "| lora | 3 | 2/3 | 0.00 ± 0.00 | 1.5 |" in md
     assert "0.600 ± 0.100" in capsys.readouterr().out

@@ -93,10 +93,12 @@ def _png(fig) -> bytes:
 def _markdown(table: Table, line1: str, line2: str, dirs, target: float, auto: bool,
               figures: list[str], n: int) -> str:
     src = ", ".join(f"`{d}`" for d in dirs)
+    hours = sum(float(r.summary.get("wall_seconds") or 0) for row in table.rows for r in row.runs) / 3600
     out = [f"# {line1}", "", line2, "",
-           f"{n} complete run folders from {src}. One row per setting: mean ± sample standard "
-           f"deviation (n − 1) over its seeds ({', '.join(map(str, table.seeds))}); test accuracy "
-           "is on the held-out test set after the last round; ε is the largest any client spent.",
+           f"{n} complete run folders from {src}, {hours:.1f} hours of run time in all (the sum of "
+           "their wall times). One row per setting: mean ± sample standard deviation (n − 1) over "
+           f"its seeds ({', '.join(map(str, table.seeds))}); test accuracy is on the held-out test "
+           "set after the last round; ε is the largest any client spent.",
            "", to_markdown(table)]
     for d in map(Path, dirs):
         if (d / "selection.md").is_file():

@@ -85,6 +85,7 @@ def sweep(grid: Grid, out: str | Path | None = None, *,
         for run in ([] if grid.select else final):
             say(f"  {_state(out / run.name, run.config)}  {run.name}")
         return {"out": str(out), "runs": [], "selection": None}
+    started = time.perf_counter()
     preflight([r.config for r in planned + final])
     tracker = Progress(total, say)
     copies: dict[str, Path] = {}
@@ -97,7 +98,8 @@ def sweep(grid: Grid, out: str | Path | None = None, *,
                                                           flat_config(config)))
     folders = [_run_one(run, out, tracker, "", copies) for run in final]
     c = tracker.counts
-    say(f"sweep done: {len(folders)} run folders in {out} ({c['ran']} run, {c['resumed']} resumed, "
+    say(f"sweep done in {(time.perf_counter() - started) / 60:.1f} min: {len(folders)} run "
+        f"folders in {out} ({c['ran']} run, {c['resumed']} resumed, "
         f"{c['skipped']} already complete, {c['copied']} copied from the selection runs) — "
         f"tables and plots: fedlora report {out}")
     return {"out": str(out), "runs": [str(f) for f in folders],
