@@ -39,6 +39,10 @@ class Transport(Protocol):
     def exchange(self, round: int, downloads: dict[int, State]) -> Exchange:
         """Send each client its download, let it train, return its reply."""
 
+    def checkpointed(self, rounds: int) -> None:
+        """The first `rounds` rounds are checkpointed: no client will be asked for them again
+        (what a client keeps to replay them after a crash may go)."""
+
 
 @dataclass
 class RoundPlan:
