@@ -108,7 +108,9 @@ def serve(grid, run: FlowerRun, say=_say) -> dict:
                           saved=saved)
         final = folder.commit()
     except BaseException as err:
-        keep = folder.resuming or folder.path(ckpt.FILENAME).exists()
+        # worth resuming once any site may have trained: a resumed run replays those rounds
+        # from each site's ledger, a new run in the same folder would be refused
+        keep = folder.resuming or folder.path(ckpt.FILENAME).exists() or transport.last_round >= 0
         folder.abort(keep)
         if keep:
             err.add_note(f"the run so far is kept in '{folder.partial}' — continue it with "
