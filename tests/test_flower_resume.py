@@ -250,11 +250,14 @@ def test_resume_refuses_before_any_site_is_asked(two, tmp_path):
     _crash_when(grid, 1, 2)
     with pytest.raises(Crash):
         _serve(two, tmp_path, grid)
+    again = _grid(two, tmp_path)
+    with pytest.raises(ConfigError, match="resume=true"):  # a new run would overwrite it
+        _serve(two, tmp_path, again)
     other = dataclasses.replace(two, seed=two.seed + 1)
     fresh = _grid(other, tmp_path)
     with pytest.raises(ConfigError, match="another config"):
         _serve(other, tmp_path, fresh, resume=True)
-    assert fresh.sent == [] and (tmp_path / "run.partial" / "checkpoint.safetensors").exists()
+    assert again.sent == fresh.sent == [] and (tmp_path / "run.partial" / "checkpoint.safetensors").exists()
 
 
 @pytest.mark.parametrize("values, message", [

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,7 +36,8 @@ from fedlora.federation import checkpoint as ckpt  # noqa: E402
 from fedlora.federation.flower.runconfig import FlowerRun, read_run_config  # noqa: E402
 from fedlora.federation.flower.transport import FlowerTransport, personalised_evaluation  # noqa: E402
 from fedlora.methods import get_method  # noqa: E402
-from fedlora.outputs import RunFolder, default_out_dir  # noqa: E402
+from fedlora.errors import ConfigError  # noqa: E402
+from fedlora.outputs import PARTIAL, RunFolder, default_out_dir  # noqa: E402
 
 app = ServerApp()
 
@@ -129,8 +131,11 @@ def open_folder(run: FlowerRun) -> tuple[RunFolder, Config, ckpt.Checkpoint | No
     same one (`threads` may differ), as for `fedlora run --resume`."""
     config = run.config
     if not run.resume:
-        return RunFolder(run.out or default_out_dir(config.method.name, config.privacy.epsilon)), \
-            config, None
+        out = Path(run.out) if run.out else default_out_dir(config.method.name, config.privacy.epsilon)
+        if out.with_name(out.name + PARTIAL).is_dir():
+            raise ConfigError(f"out: an interrupted run is in '{out}{PARTIAL}' — continue it with "
+                              "`flwr run <app> <connection> --run-config resume=true`, or remove it")
+        return RunFolder(out), config, None
     folder = RunFolder(run.out, resume=True)
     config, saved = resume_config(folder, config, None)
     return folder, config, saved
