@@ -48,7 +48,7 @@ from fedlora.fsutil import atomic_write_bytes
 from fedlora.methods.base import State
 from fedlora.privacy.ledger import LedgerError, PrivacyLedger, adopt_ledger
 
-SNAPSHOT = re.compile(r"round-(\d+)\.safetensors")
+SNAPSHOT = re.compile(r"round-(-?\d+)\.safetensors")  # round -1: a query before round 0
 
 
 def state_dir(node_config: Mapping[str, Any], cid: int) -> Path:
