@@ -39,6 +39,26 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_st_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny BERT as a sentence-transformers checkpoint (mean pooling + Normalize), like the
+    shipped model: `model.pooling = "auto"` reads unit-norm features and centres them."""
+    import json
+
+    out = tmp_path_factory.mktemp("tiny-st-normalized")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    (out / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize",
+         "type": "sentence_transformers.models.Normalize"}]))
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": False,
+         "pooling_mode_mean_tokens": True}))
+    return out
+
+
 def write_toy_csv(path: Path, n: int = 240, seed: int = 0, groups: int = 12) -> Path:
     rng = random.Random(seed)
     with path.open("w", newline="", encoding="utf-8") as f:

@@ -15,10 +15,12 @@ from fedlora.config import Config, apply_override, config_from_dict, config_to_t
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.experiment import Experiment, build_experiment, majority_accuracy, partition_report
 from fedlora.federation import checkpoint as ckpt
+from fedlora.federation.centering import centering_enabled, fold_center
 from fedlora.federation.client import Client
 from fedlora.federation.server import FederationState, RoundPlan, Transport, run_rounds
 from fedlora.federation.simulation import InProcessTransport
 from fedlora.federation.validate import UpdateValidator, template_state
+from fedlora.methods import keys
 from fedlora.methods.base import GlobalState, Method, State
 from fedlora.model import AdapterHandle, count_parameters, save_base_delta
 from fedlora.outputs import RunFolder, default_out_dir
@@ -166,7 +168,7 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
     f = config.federation
     plan = RoundPlan(f.rounds, f.clients, f.clients_per_round, f.eval_every, config.seed,
                      f.min_clients, checkpoint_every=f.checkpoint_every,
-                     on_bad_update=f.on_bad_update)
+                     on_bad_update=f.on_bad_update, center_dim=_center_dim(config, server.handle))
     if saved is not None:
         state = ckpt.restore(saved, clients)
         say(f"resuming after round {saved.round} of {f.rounds} from {folder.partial}")
@@ -191,13 +193,23 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
 
     transport.checkpointed(len(state.history))  # resumed: what the checkpoint holds
 
+    def on_center(info: dict) -> None:
+        say(report.center_line(info, config))
+
     run_rounds(server.method, state, transport, plan, server.evaluate, on_round,
-               validator=validator, checkpoint=save)
+               validator=validator, checkpoint=save, on_center=on_center)
     export_adapter(server, state, folder.path("adapter"), clients)
     summary = build_summary(server, state, facts(), time.perf_counter() - start)
     folder.write_json("summary.json", summary)
     folder.path(ckpt.FILENAME).unlink(missing_ok=True)  # the results supersede it
     return summary
+
+
+def _center_dim(config: Config, handle: AdapterHandle) -> int:
+    """The feature size μ has, if this run centres the classifier's features (else 0)."""
+    if not centering_enabled(config) or keys.CENTER not in handle.shapes():
+        return 0
+    return handle.shapes()[keys.CENTER][0]
 
 
 def client_facts(client: Client) -> dict:
@@ -211,7 +223,9 @@ def export_adapter(server: ServerSide, state: FederationState, path: Path,
     """The global adapter (LoRA A, B and the head) in PEFT's format, loadable with
     `PeftModel.from_pretrained(base, path)`.
 
-    Methods that change base weights (FedEx-LoRA, FLoRA, full) also write
+    The feature centre μ (`fedlora.federation.centering`) is folded into the head's bias, so the
+    adapter loads on a fresh base model. Methods that change base weights (FedEx-LoRA, FLoRA,
+    full) also write
     `base_delta.safetensors` next to `adapter/`: Δ keyed by the plain model's parameter names,
     to add to the base before loading the adapter (`fedlora.model.apply_base_delta`).
     Personalised methods also write each client's own adapter to `clients/<k>/adapter`, for
@@ -220,14 +234,15 @@ def export_adapter(server: ServerSide, state: FederationState, path: Path,
     """
     glob, method = state.glob, server.method
     handle = server.handle
-    handle.install({**server.initial, **glob.tensors()})
+    handle.install(fold_center({**server.initial, **glob.tensors()}))
     handle.model.save_pretrained(str(path))
-    if glob.base_delta:
-        save_base_delta(glob.base_delta, path.parent / "base_delta.safetensors")
+    base_delta = fold_center(glob.base_delta)
+    if base_delta:
+        save_base_delta(base_delta, path.parent / "base_delta.safetensors")
     if method.personalised:
         for client in clients:
-            handle.install(method.client_state(
-                server.initial, client.personal, method.download(glob, client.cid), client.cid))
+            handle.install(fold_center(method.client_state(
+                server.initial, client.personal, method.download(glob, client.cid), client.cid)))
             handle.model.save_pretrained(str(path.parent / "clients" / str(client.cid) / "adapter"))
     handle.install({**server.initial, **glob.tensors()})
 
@@ -257,6 +272,7 @@ def build_summary(server: ServerSide, state: FederationState, facts: list[dict],
         "sample_rates": column("sample_rate"),
         "steps": column("steps"),
         "client_sizes": column("size"),
+        "feature_center": state.center or None,
         "rounds": len(state.history),
         "rounds_planned": config.federation.rounds,
         "clients": config.federation.clients,

@@ -23,6 +23,7 @@ PARTITIONS = ("iid", "dirichlet", "group")
 OPTIMIZERS = ("sgd", "adam")
 HEADS = ("shared", "local")
 ACCOUNTANTS = ("rdp", "prv")
+CENTERS = ("auto", "off")
 BAD_UPDATE = ("skip", "stop")
 
 
@@ -38,6 +39,10 @@ class ModelConfig:
     max_length: int = _f(64, "tokens kept per text (the shipped snippets are at most ~70 tokens)")
     pooling: str = _f("auto", "classifier input: auto (the checkpoint's own pooling), cls, mean, "
                       "mean_normalized")
+    center: str = _f("auto", "subtract the clients' DP mean feature from the classifier input: "
+                     "auto (when the features are unit-norm, i.e. mean_normalized pooling) or off")
+    center_examples: int = _f(1024, "expected examples per client (Poisson-sampled) in the DP "
+                              "feature mean computed before round 1")
 
 
 @dataclass
@@ -80,7 +85,7 @@ class FederationConfig:
 class MethodConfig:
     name: str = _f("ffa", "federated method (see `fedlora methods`)")
     rank: int = _f(8, "LoRA rank r")
-    alpha: float = _f(8.0, "LoRA scaling alpha; the update is (alpha/r)·B·A")
+    alpha: float = _f(1.0, "LoRA scaling alpha; the update is (alpha/r)·B·A")
     target_modules: list[str] = _f(["query", "value"], "names of the linear layers that get LoRA")
     client_ranks: list[int] = _f(
         [], "one LoRA rank per client, e.g. [4, 8, 16] (empty = every client uses method.rank); "
@@ -97,7 +102,7 @@ class MethodConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = _f(256, "expected examples per DP-SGD step (Poisson sampling)")
-    lr: float = _f(0.005, "learning rate of the local optimizer")
+    lr: float = _f(0.02, "learning rate of the local optimizer")
     optimizer: str = _f("adam", f"local optimizer: {', '.join(OPTIMIZERS)}")
     momentum: float = _f(0.9, "SGD momentum (reset each round: optimizer state never leaves a client)")
     micro_batch_size: int = _f(64, "examples per forward pass; a batch is split, never changed")
@@ -110,6 +115,8 @@ class PrivacyConfig:
     delta: float = _f(1e-5, "delta of (epsilon, delta)-DP")
     clip: float = _f(1.0, "per-example gradient norm bound")
     accountant: str = _f("rdp", f"privacy accountant: {', '.join(ACCOUNTANTS)}")
+    center_noise: float = _f(5.0, "noise multiplier of the Gaussian mechanism on each client's "
+                             "feature sum (model.center; accounted with the DP-SGD steps)")
 
 
 @dataclass
@@ -271,6 +278,9 @@ def validate(config: Config) -> None:
     _check(c.model.pooling in ("auto", "cls", "mean", "mean_normalized"),
            f"model.pooling must be auto, cls, mean or mean_normalized, got '{c.model.pooling}'")
     _check(c.model.max_length >= 8, "model.max_length must be ≥ 8 tokens")
+    _check(c.model.center in CENTERS,
+           f"model.center must be one of {', '.join(CENTERS)}, got '{c.model.center}'")
+    _check(c.model.center_examples >= 1, "model.center_examples must be ≥ 1, e.g. 1024")
     _check(0 < c.data.test_fraction < 1, "data.test_fraction must be in (0, 1), e.g. 0.2")
     _check(0 <= c.data.validation_fraction < 1, "data.validation_fraction must be in [0, 1)")
     _check(c.data.test_fraction + c.data.validation_fraction < 0.9,
@@ -331,6 +341,8 @@ def validate(config: Config) -> None:
     _check(0 < p.delta < 1, "privacy.delta must be in (0, 1), e.g. 1e-5")
     _check(p.clip > 0 and math.isfinite(p.clip), "privacy.clip must be a positive number, e.g. 1.0")
     _check(p.accountant in ACCOUNTANTS, f"privacy.accountant must be one of {', '.join(ACCOUNTANTS)}")
+    _check(p.center_noise > 0 and math.isfinite(p.center_noise),
+           "privacy.center_noise must be a positive number, e.g. 5 (or set model.center='off')")
 
 
 def _check(ok: bool, message: str) -> None:

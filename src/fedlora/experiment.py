@@ -17,6 +17,7 @@ from fedlora.data.batching import encode
 from fedlora.data.partition import label_counts, partition
 from fedlora.data.sources import TextDataset, load_dataset, split_holdout
 from fedlora.errors import DataError
+from fedlora.federation.centering import centering_enabled
 from fedlora.federation.client import Client, LocalTrainer
 from fedlora.federation.evaluate import Evaluator, PersonalisedEvaluation
 from fedlora.methods import get_method
@@ -146,8 +147,9 @@ def build_trainer(config: Config, base: Base) -> LocalTrainer:
 def build_client(config: Config, cid: int, token_ids: list[list[int]], labels: list[int]) -> Client:
     """One data owner with its DP plan: σ calibrated for every round it could take part in."""
     f = config.federation
+    center = config.model.center_examples if centering_enabled(config) else 0
     privacy = plan_client_privacy(config.privacy, len(labels), config.train.batch_size,
-                                  f.rounds * f.local_steps)
+                                  f.rounds * f.local_steps, center)
     return Client(cid=cid, token_ids=token_ids, labels=labels, privacy=privacy, seed=config.seed)
 
 

@@ -62,6 +62,19 @@ def round_line(record: dict[str, Any], config: Config) -> str:
             f"up {_bytes(record['bytes_uploaded'])} · {record['seconds']:.1f} s{refused}")
 
 
+def center_line(info: dict[str, Any], config: Config) -> str:
+    """The feature-centring query's outcome (`fedlora.federation.centering`)."""
+    noise = f"σ_m={config.privacy.center_noise:g}" if config.private else "no noise"
+    if not info.get("clients"):
+        head = "feature centre: no usable answer, the classifier reads uncentred features"
+    else:
+        head = (f"feature centre μ from {info['clients']} clients (≈{info['examples']:.0f} "
+                f"examples, {noise}): ‖μ‖ = {info['norm']:.3f}")
+    problems = {**info.get("rejected", {}), **info.get("refused", {}), **info.get("failed", {})}
+    extra = "".join(f" · client {c}: {why}" for c, why in sorted(problems.items()))
+    return f"{head} · up {_bytes(info['bytes_uploaded'])} · {info['seconds']:.1f} s{extra}"
+
+
 def summary_table(s: dict[str, Any]) -> str:
     rows = [
         ("method", s["method"]),

@@ -18,6 +18,7 @@ from fedlora.data.batching import collate
 from fedlora.methods import lowrank
 from fedlora.methods.base import Method, State
 from fedlora.model import AdapterHandle
+from fedlora.federation import centering
 from fedlora.federation.wire import state_digest
 from fedlora.privacy.accountant import PrivacyAccountant
 from fedlora.privacy.dpsgd import clip_and_noise, per_sample_gradients
@@ -87,6 +88,8 @@ class LocalTrainer:
                                             "from a different model; retraining it with the same "
                                             "noise would leak — it sits this round out")
         replay = seen is not None
+        if round == centering.CENTER_ROUND:
+            return self._center_query(client, download, replay, digest, seen)
         if not replay and not privacy.can_take(self.local_steps):
             return self._refuse(client, f"client {client.cid} has spent its privacy budget "
                                         f"(ε={privacy.spent():.3f} of {privacy.epsilon}); it stops")
@@ -131,6 +134,30 @@ class LocalTrainer:
             steps=client.steps,
             train_loss=float(sum(losses) / len(losses)) if losses else math.nan,
         )
+
+    def _center_query(self, client: Client, download: State, replay: bool, digest: str | None,
+                      seen: dict | None) -> ClientReply:
+        """Answer the DP feature-centring query (`fedlora.federation.centering`)."""
+        privacy = client.privacy
+        if privacy.center_rate <= 0:
+            return self._refuse(client, f"client {client.cid} was not set up for feature centring "
+                                        "(model.center differs between server and client)")
+        if not replay and not privacy.can_answer_center_query():
+            return self._refuse(client, f"client {client.cid} has spent its privacy budget "
+                                        f"(ε={privacy.spent():.3f} of {privacy.epsilon}); it stops")
+        self.handle.install(self.method.client_state(self.initial, client.personal, download,
+                                                     client.cid))
+        gen = torch.Generator().manual_seed(derive_seed(client.seed, "center", client.cid))
+        answer = centering.noisy_feature_sum(self.model, client.token_ids, privacy.center_rate,
+                                             privacy.center_noise,
+                                             self.pad_id, self.train_cfg.micro_batch_size, gen)
+        if not replay:
+            privacy.record_center_query()  # recorded before anything leaves the client
+        if client.ledger is not None and not replay:  # on disk before the answer leaves
+            client.ledger.record(centering.CENTER_ROUND, digest, privacy.accountant.state_dict())
+        return ClientReply(client=client.cid, upload=answer, num_examples=client.num_examples,
+                           epsilon=_spent_after(privacy, seen), steps=client.steps,
+                           train_loss=math.nan)
 
     def _refuse(self, client: Client, reason: str) -> ClientReply:
         return ClientReply(client.cid, {}, client.num_examples, client.privacy.spent(),
