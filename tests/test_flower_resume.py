@@ -232,6 +232,30 @@ def test_a_crashed_server_resumes_to_the_same_adapter(two, tmp_path, method, rou
         assert _ledger_steps(next((tmp_path / "sites").glob(f"node-{(7, 3)[cid]}"))) == 6
 
 
+def test_a_crash_after_the_centring_query_resumes_to_the_simulation(two, tiny_st_model_dir,
+                                                                    tmp_path):
+    """With DP feature centring the sites answer a query before round 1 (recorded in their
+    ledgers as round -1): a server that dies in round 1 asks it again after the restart, and the
+    sites replay their answers — the simulation's adapter, each site charged once."""
+    import fedlora
+
+    config = dataclasses.replace(two, model=dataclasses.replace(two.model, path=str(tiny_st_model_dir)))
+    sim = fedlora.run(config, tmp_path / "sim", progress=None)
+    assert sim["feature_center"] and sim["feature_center"]["clients"] == 2
+    grid = _grid(config, tmp_path)
+    _crash_when(grid, 0, 1)
+    with pytest.raises(Crash):
+        _serve(config, tmp_path, grid)
+    summary = _serve(config, tmp_path, _grid(config, tmp_path), resume=True)
+    ours = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "sim" / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert summary["epsilon_per_client"] == sim["epsilon_per_client"]
+    assert summary["feature_center"]["norm"] == sim["feature_center"]["norm"]
+    # the query (1 step) and 3 rounds × 2 DP-SGD steps, each charged once
+    assert [_ledger_steps(tmp_path / "sites" / f"node-{n}") for n in (7, 3)] == [7, 7]
+
+
 def _outcome_of(config, folder: Path) -> dict:
     """The same run uninterrupted (its sites' state in a folder of its own)."""
     folder.mkdir()

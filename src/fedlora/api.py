@@ -191,7 +191,8 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
         ckpt.save_checkpoint(folder.path(ckpt.FILENAME), config, state, clients)
         transport.checkpointed(len(state.history))
 
-    transport.checkpointed(len(state.history))  # resumed: what the checkpoint holds
+    if saved is not None:  # what the checkpoint holds will never be asked for again
+        transport.checkpointed(saved.round)
 
     def on_center(info: dict) -> None:
         say(report.center_line(info, config))

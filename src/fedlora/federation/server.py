@@ -42,8 +42,8 @@ class Transport(Protocol):
         """Send each client its download, let it train, return its reply."""
 
     def checkpointed(self, rounds: int) -> None:
-        """The first `rounds` rounds are checkpointed: no client will be asked for them again
-        (what a client keeps to replay them after a crash may go)."""
+        """A checkpoint holds the first `rounds` ≥ 1 rounds (and anything before round 1): no
+        client will be asked for them again (what it keeps to replay them may go)."""
 
 
 @dataclass

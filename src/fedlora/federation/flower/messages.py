@@ -24,7 +24,7 @@ class TrainInstruction:
     client: int
     payload: bytes  # the encoded download
     label_names: list[str]
-    checkpointed: int = 0  # rounds the server has checkpointed: it never asks for them again
+    checkpointed: int = 0  # rounds the server has checkpointed (0: none): never asked again
 
     def download(self) -> State:
         return decode_state(self.payload)

@@ -143,7 +143,10 @@ class SiteState:
 
     def forget_before(self, round: int) -> None:
         """The server has checkpointed rounds < `round`: it will never ask for them again. Keep
-        the last snapshot before `round` (the start of the next) and the spent ε."""
+        the last snapshot before `round` (the start of the next) and the spent ε. `round` 0
+        means no checkpoint yet: even a query before round 1 (round -1) may come again."""
+        if round <= 0:
+            return
         done = self._snapshots()
         keep = max((r for r in done if r < round), default=None)
         for r in done:

@@ -38,7 +38,7 @@ class FlowerTransport:
         self.ignored: set[int] = set()  # nodes that failed the query or duplicate a client id
         self.facts: dict[int, SiteFacts] = {}  # the latest each site said about itself
         self.steps: dict[int, int] = {}
-        self.saved_rounds = 0  # rounds the server has checkpointed (sites may forget them)
+        self.saved_rounds = 0  # rounds the last checkpoint holds (0: none); sites may forget them
         self.last_round = -1  # the latest round exchanged (personalised scores are of it)
 
     # ---------------------------------------------------------------- who is out there
