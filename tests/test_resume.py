@@ -242,3 +242,21 @@ def test_resume_may_change_threads_only(tmp_path, overrides, monkeypatch):
     import torch
     assert torch.get_num_threads() == 2
     torch.set_num_threads(1)
+
+
+def test_ledger_latest_is_what_was_spent_last_not_the_highest_round(tmp_path):
+    """A client that missed round 2 before a crash may train it, for the first time, after the
+    server resumes from round 1: that entry holds every step charged, round 3's included."""
+    from fedlora.privacy.ledger import LedgerError, PrivacyLedger
+
+    ledger = PrivacyLedger(tmp_path / "l.json")
+    ledger.record(0, "d0", {"kind": "rdp", "history": [[1.0, 0.1, 2]]})
+    ledger.record(2, "d2", {"kind": "rdp", "history": [[1.0, 0.1, 4]]})
+    ledger.record(1, "d1", {"kind": "rdp", "history": [[1.0, 0.1, 6]]})  # after the resume
+    assert PrivacyLedger(tmp_path / "l.json").latest["history"] == [[1.0, 0.1, 6]]
+    ledger.forget_before(5)
+    assert sorted(ledger.rounds) == [1]
+    (tmp_path / "bad.json").write_text('{"rounds": {"0": {"digest": "d", "accountant": '
+                                       '{"kind": "rdp", "history": [[1.0, 0.1, "many"]]}}}}')
+    with pytest.raises(LedgerError, match="unreadable"):
+        PrivacyLedger(tmp_path / "bad.json")

@@ -45,7 +45,7 @@ def run(config: Config | dict | str | Path | None = None, out: str | Path | None
     start = time.perf_counter()
     if resume is not None:
         folder = RunFolder(resume, resume=True)
-        config, saved = _resume_config(folder, config, overrides)
+        config, saved = resume_config(folder, config, overrides)
     else:
         config, saved = _resolve(config, overrides), None
         folder = RunFolder(out or default_out_dir(config.method.name, config.privacy.epsilon))
@@ -69,7 +69,7 @@ def run(config: Config | dict | str | Path | None = None, out: str | Path | None
     return summary
 
 
-def _resume_config(folder: RunFolder, config, overrides) -> tuple[Config, ckpt.Checkpoint | None]:
+def resume_config(folder: RunFolder, config, overrides) -> tuple[Config, ckpt.Checkpoint | None]:
     """The interrupted run's config (checked against any config given) and its checkpoint."""
     try:
         stored = load_config(folder.path("config.toml"))
@@ -189,8 +189,10 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
 
     def save(state: FederationState) -> None:
         ckpt.save_checkpoint(folder.path(ckpt.FILENAME), config, state, clients)
-        for client in clients:
-            client.ledger.forget_before(len(state.history))
+        transport.checkpointed(len(state.history))
+
+    if saved is not None:  # what the checkpoint holds will never be asked for again
+        transport.checkpointed(saved.round)
 
     def on_center(info: dict) -> None:
         say(report.center_line(info, config))

@@ -41,6 +41,10 @@ class Transport(Protocol):
     def exchange(self, round: int, downloads: dict[int, State]) -> Exchange:
         """Send each client its download, let it train, return its reply."""
 
+    def checkpointed(self, rounds: int) -> None:
+        """A checkpoint holds the first `rounds` ≥ 1 rounds (and anything before round 1): no
+        client will be asked for them again (what it keeps to replay them may go)."""
+
 
 @dataclass
 class RoundPlan:
