@@ -176,7 +176,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     if not getattr(inner, "supports_gradient_checkpointing", False):
         raise ModelError(f"train.gradient_checkpointing: {type(inner).__name__} does not support "
                          "gradient checkpointing — set train.gradient_checkpointing=false")
-    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _check_targets(model: nn.Module, targets: list[str]) -> None:

@@ -32,7 +32,8 @@ class GenerationEvaluator:
         self.fmt, self.pad_id = fmt, pad_id
         self.max_new_tokens, self.scorer, self.prefix = max_new_tokens, scorer, prefix
         self.batches = eval_batches([len(t) for t in token_ids], batch_size)
-        self.generations: list[str] = []  # the last evaluation's decoded answers
+        self.generated_ids: list[list[int]] = []  # the last evaluation's answers (before eos)
+        self.generations: list[str] = []  # ... decoded
 
     def __call__(self, glob: GlobalState) -> dict[str, float]:
         self.handle.install(self.view(glob))
@@ -47,8 +48,8 @@ class GenerationEvaluator:
         return total / max(1, len(self.token_ids))
 
     def exact_match(self) -> float:
-        ids = greedy_generate(self.handle.model, self.prompts, self.pad_id, self.fmt.eos_id,
-                              self.max_new_tokens, self.batches)
-        self.generations = [self.fmt.decode(g) for g in ids]
+        self.generated_ids = greedy_generate(self.handle.model, self.prompts, self.pad_id,
+                                             self.fmt.eos_id, self.max_new_tokens, self.batches)
+        self.generations = [self.fmt.decode(g) for g in self.generated_ids]
         hits = sum(self.scorer(g, a) for g, a in zip(self.generations, self.answers))
         return hits / max(1, len(self.answers))

@@ -53,7 +53,7 @@ def _arithmetic(size: int, seed: int) -> list[dict[str, Any]]:
         meta = item["metadata"]
         terms, digits = meta["num_terms"], meta["num_digits"]
         out.append({"question": item["question"] + ARITHMETIC_SUFFIX, "answer": str(item["answer"]),
-                    "template": "+".join(sorted(set(c for c in meta["expression"] if c in "+-"))),
+                    "template": "".join(sorted(set(c for c in meta["expression"] if c in "+-"))),
                     "difficulty": f"{terms} terms, {digits} digit{'s' if digits > 1 else ''}",
                     "source": "basic_arithmetic"})
     return out
