@@ -94,14 +94,22 @@ def test_loss_is_the_mean_over_answer_tokens_only():
     changed[0, :1] += 100.0  # predicts prompt token 1
     changed[0, 6:] -= 50.0  # after the pair's end (padding)
     assert torch.equal(answer_token_losses(changed, ids, starts, lengths)[0], got[0])
+    # only the positions that predict answer tokens (1 … 7 here) need logits at all
+    torch.testing.assert_close(answer_token_losses(logits[:, 1:8], ids, starts, lengths, first=1), got)
 
 
-def test_a_pairs_loss_does_not_depend_on_its_batch(tiny_llama_dir, pairs):
+def _slow_loss(model, seq, start):
+    """One pair alone, unpadded, every position's logits, a Python loop over answer tokens."""
+    logits = model(input_ids=torch.tensor([seq])).logits[0]
+    return torch.stack([-F.log_softmax(logits[t - 1], -1)[seq[t]] for t in range(start, len(seq))]).mean()
+
+
+def test_a_pairs_loss_is_its_own_whatever_the_batch(tiny_llama_dir, pairs):
     fmt, ids, starts = pairs
     model = _lora_llama(tiny_llama_dir, freeze_a=False).eval()
     with torch.no_grad():
         batch = causal_lm_loss(model, ids, starts, list(range(len(ids))), pad_id=0)
-        alone = torch.cat([causal_lm_loss(model, ids, starts, [i], pad_id=0) for i in range(len(ids))])
+        alone = torch.stack([_slow_loss(model, s, n) for s, n in zip(ids, starts)])
     torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-6)
 
 
@@ -114,7 +122,7 @@ def _reference(model, ids, starts):
     out = {n: [] for n in params}
     for i in range(len(ids)):
         model.zero_grad(set_to_none=True)
-        causal_lm_loss(model, ids, starts, [i], pad_id=0).sum().backward()
+        _slow_loss(model, ids[i], starts[i]).backward()
         for n, p in params.items():
             out[n].append(p.grad.detach().clone())
     model.zero_grad(set_to_none=True)
@@ -217,7 +225,7 @@ def test_greedy_generation_and_exact_match_on_a_toy_example(tiny_llama_dir, pair
     assert evaluator.generations == want
     assert scores["test_accuracy"] == pytest.approx(2 / 5)
     with torch.no_grad():
-        loss = causal_lm_loss(model, ids, starts, list(range(len(ids))), 0).mean().item()
+        loss = torch.stack([_slow_loss(model, s, n) for s, n in zip(ids, starts)]).mean().item()
     assert scores["test_loss"] == pytest.approx(loss, rel=1e-5)
 
 
