@@ -219,7 +219,7 @@ def _initial_scores(server: ServerSide, state: FederationState, folder: RunFolde
         return None
     scores = server.evaluate(state.glob)
     folder.write_json("initial_scores.json", scores)
-    say(report.initial_line(scores))
+    say(report.initial_line(scores, server.config))
     return scores
 
 

@@ -41,9 +41,10 @@ def describe_setup(exp) -> str:
     return "\n".join(lines)
 
 
-def initial_line(scores: dict[str, Any]) -> str:
-    return (f"round   0 (starting model) · test acc {scores.get('test_accuracy', math.nan):.3f} "
-            f"loss {scores.get('test_loss', math.nan):.3f}")
+def initial_line(scores: dict[str, Any], config: Config) -> str:
+    metric = "acc" if config.task.kind == "classification" else "exact match"
+    return (f"round   0 (starting model) · test {metric} "
+            f"{scores.get('test_accuracy', math.nan):.3f} loss {scores.get('test_loss', math.nan):.3f}")
 
 
 def round_line(record: dict[str, Any], config: Config) -> str:
