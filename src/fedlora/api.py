@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from fedlora.methods.base import GlobalState, Method, State
 from fedlora.model import AdapterHandle, count_parameters, save_base_delta
 from fedlora.outputs import RunFolder, default_out_dir
 from fedlora.privacy.ledger import PrivacyLedger, adopt_ledger
+from fedlora.tasks.base import Task
 
 
 def run(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,
@@ -131,7 +133,7 @@ def _execute(exp: Experiment, folder: RunFolder, say, start: float,
     if not folder.resuming:
         folder.write_json("partition.json", partition_report(exp))
     server = ServerSide(exp.config, exp.method, exp.trainer.handle, exp.initial, exp.evaluate,
-                        majority_accuracy(exp))
+                        majority_accuracy(exp), exp.task, exp.tokenizer)
     transport = InProcessTransport(exp.trainer, exp.clients)
     return execute(server, transport, folder, say, start,
                    lambda: [client_facts(c) for c in exp.clients], exp.clients, saved)
@@ -148,6 +150,8 @@ class ServerSide:
     initial: State
     evaluate: Callable[[GlobalState], dict[str, float]]
     majority_accuracy: float | None = None
+    task: Task | None = None  # for the task's own exports (a causal LM's merged model)
+    tokenizer: object = None
 
 
 def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, start: float,
@@ -180,6 +184,7 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
         client.ledger = PrivacyLedger(folder.path(f"ledger/client-{client.cid}.json"))
         adopt_ledger(client.ledger, client.privacy.accountant)
     folder.write_jsonl("metrics.jsonl", state.history)  # drops lines past the checkpoint
+    initial = _initial_scores(server, state, folder, say)
     validator = UpdateValidator(server.method, template_state(server.handle, server.initial),
                                 f.max_update_norm)
 
@@ -201,6 +206,8 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
                validator=validator, checkpoint=save, on_center=on_center)
     export_adapter(server, state, folder.path("adapter"), clients)
     summary = build_summary(server, state, facts(), time.perf_counter() - start)
+    if initial is not None:
+        summary["initial"] = initial
     folder.write_json("summary.json", summary)
     folder.path(ckpt.FILENAME).unlink(missing_ok=True)  # the results supersede it
     return summary
@@ -211,6 +218,23 @@ def _center_dim(config: Config, handle: AdapterHandle) -> int:
     if not centering_enabled(config) or keys.CENTER not in handle.shapes():
         return 0
     return handle.shapes()[keys.CENTER][0]
+
+
+def _initial_scores(server: ServerSide, state: FederationState, folder: RunFolder,
+                    say) -> dict | None:
+    """With `federation.evaluate_initial`: the starting model's scores (kept in the run folder,
+    so a resumed run reports the same ones without evaluating again)."""
+    if not server.config.federation.evaluate_initial:
+        return None
+    path = folder.path("initial_scores.json")
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    if state.history:  # resumed past round 1 without them: the starting model is gone
+        return None
+    scores = server.evaluate(state.glob)
+    folder.write_json("initial_scores.json", scores)
+    say(report.initial_line(scores, server.config))
+    return scores
 
 
 def client_facts(client: Client) -> dict:
@@ -229,6 +253,8 @@ def export_adapter(server: ServerSide, state: FederationState, path: Path,
     full) also write
     `base_delta.safetensors` next to `adapter/`: Δ keyed by the plain model's parameter names,
     to add to the base before loading the adapter (`fedlora.model.apply_base_delta`).
+    The task may add files of its own: a causal LM writes `merged/`, the base model with the
+    adapter (and any base change) folded in, for plain `AutoModelForCausalLM.from_pretrained`.
     Personalised methods also write each client's own adapter to `clients/<k>/adapter`, for
     the clients this process holds (all of them in simulation; none on a Flower server, where
     personal tensors never leave their sites).
@@ -237,6 +263,8 @@ def export_adapter(server: ServerSide, state: FederationState, path: Path,
     handle = server.handle
     handle.install(fold_center({**server.initial, **glob.tensors()}))
     handle.model.save_pretrained(str(path))
+    if server.task is not None:
+        server.task.export(handle.model, server.tokenizer, path.parent)
     base_delta = fold_center(glob.base_delta)
     if base_delta:
         save_base_delta(base_delta, path.parent / "base_delta.safetensors")
@@ -258,6 +286,8 @@ def build_summary(server: ServerSide, state: FederationState, facts: list[dict],
     column = lambda key: [c.get(key) for c in facts]  # noqa: E731
     return {
         "method": config.method.name,
+        "task": config.task.kind,
+        "metric": server.task.metric if server.task is not None else "accuracy",
         "test_accuracy": final.get("test_accuracy"),
         "test_loss": final.get("test_loss"),
         "test_accuracy_per_client": final.get("test_accuracy_per_client"),

@@ -22,6 +22,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="section.key=value",
                      help="config overrides, e.g. privacy.epsilon=inf method.name=lora")
     sub.add_parser("methods", help="list the federated methods")
+    data = sub.add_parser("data", help="write generated prompt/answer pairs (reasoning-gym) to JSONL")
+    data.add_argument("generator", choices=["gsm", "arithmetic"],
+                      help="gsm: GSM-Symbolic word problems; arithmetic: 2–3 terms of 1–2 digits, + and −")
+    data.add_argument("--out", required=True, help="the .jsonl file to write")
+    data.add_argument("--size", type=int, required=True, help="number of pairs")
+    data.add_argument("--seed", type=int, default=0, help="the same seed gives the same pairs")
     show = sub.add_parser("config", help="print the resolved config as TOML")
     show.add_argument("--config")
     show.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -84,6 +90,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         for name in available_methods():
             print(f"{name:10s} {method_class(name).__doc__.strip().splitlines()[0]}")
+        return 0
+    if args.command == "data":
+        from fedlora.data.generators import generate, write_jsonl
+
+        out = write_jsonl(generate(args.generator, args.size, args.seed), args.out)
+        print(f"wrote {args.size} {args.generator} pairs to {out} (seed {args.seed}); train on them "
+              f"with task.kind=causal data.path={out} data.text_column=question "
+              "data.label_column=answer")
         return 0
     if args.command == "flower":
         from fedlora.federation.flower.cli import dispatch

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +41,24 @@ class ClientReply:
     refused: str | None = None
 
 
+ExampleLoss = Callable[[nn.Module, list[list[int]], list[int], list[int], int], Tensor]
+
+
+def classification_loss(model: nn.Module, token_ids: list[list[int]], labels: list[int],
+                        idx: list[int], pad_id: int) -> Tensor:
+    """Per-example cross-entropy of the classifier on examples `idx`."""
+    batch = collate(token_ids, idx, pad_id)
+    target = torch.tensor([labels[i] for i in idx], dtype=torch.long)
+    return F.cross_entropy(model(**batch).logits, target, reduction="none")
+
+
 @dataclass
 class Client:
-    """One data owner: its tokenised examples, its privacy ledger, its personal tensors."""
+    """One data owner: its tokenised examples, its privacy ledger, its personal tensors.
+
+    `labels[i]` is example i's target as the task's loss reads it: its class (classification)
+    or where its answer starts in `token_ids[i]` (causal LM).
+    """
 
     cid: int
     token_ids: list[list[int]]
@@ -62,8 +78,9 @@ class LocalTrainer:
     """Trains any client on one shared model; the adapter is the only per-client state."""
 
     def __init__(self, model: nn.Module, method: Method, train: TrainConfig, local_steps: int,
-                 pad_id: int, initial: State):
+                 pad_id: int, initial: State, loss: ExampleLoss = classification_loss):
         self.model = model
+        self.loss = loss  # the task's per-example loss
         self.method = method
         self.train_cfg = train
         self.local_steps = local_steps
@@ -229,10 +246,7 @@ class LocalTrainer:
         return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
     def per_example_loss(self, client: Client, idx: list[int]) -> Tensor:
-        batch = collate(client.token_ids, idx, self.pad_id)
-        labels = torch.tensor([client.labels[i] for i in idx], dtype=torch.long)
-        logits = self.model(**batch).logits
-        return F.cross_entropy(logits, labels, reduction="none")
+        return self.loss(self.model, client.token_ids, client.labels, idx, self.pad_id)
 
 
 def _spent_after(privacy: ClientPrivacy, replayed: dict | None) -> float:
