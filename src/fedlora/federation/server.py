@@ -150,7 +150,9 @@ def gather_center(method: Method, state: FederationState, transport: Transport,
     """
     start = time.perf_counter()
     selected = select_clients(plan, centering.CENTER_ROUND)
-    downloads = {c: method.download(state.glob, c) for c in selected}
+    # nothing to send: before round 1 the global model is the initial adapter, which every client
+    # builds itself from the shared seed
+    downloads = {c: {} for c in selected}
     exchange = transport.exchange(centering.CENTER_ROUND, downloads)
     answers, rejected = [], {}
     for rep in exchange.replies:
