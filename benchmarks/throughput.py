@@ -101,8 +101,8 @@ def _base(exp):
     """The pieces `build_trainer` reads, from an experiment (one model for every trainer)."""
     from fedlora.experiment import Base
 
-    return Base(exp.model, exp.trainer.handle, exp.initial, exp.method, None, exp.trainer.pad_id,
-                exp.model_path)
+    return Base(exp.model, exp.trainer.handle, exp.initial, exp.method, exp.tokenizer,
+                exp.trainer.pad_id, exp.model_path, exp.task)
 
 
 def _fedlora(trainer, clients) -> Contender:

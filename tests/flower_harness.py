@@ -103,6 +103,19 @@ class Deployment:
         except subprocess.TimeoutExpired:
             pass
 
+    def processes(self, command: str) -> list[int]:
+        """Pids of the processes below this deployment's whose command line names `command`
+        (e.g. the ServerApp process, `flwr-serverapp`, that the SuperLink starts per run)."""
+        found = []
+        for pid in sorted({d for proc in self.procs.values() for d in descendants(proc.pid)}):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(Path(a.decode(errors="replace")).name == command for a in argv[:2]):
+                found.append(pid)
+        return found
+
     def stop(self) -> None:
         """Stop everything this deployment started, and everything those started (Flower
         detaches some children into their own sessions): SIGTERM, then SIGKILL, by pid."""

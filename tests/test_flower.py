@@ -121,7 +121,10 @@ class MemoryGrid:
     """Flower's Grid contract, delivering messages to the real ClientApp functions in this
     process; a node in `broken` answers with an error, a node in `silent` never answers."""
 
-    def __init__(self, node_configs: dict[int, dict], run_config: dict):
+    def __init__(self, node_configs: dict[int, dict], run_config: dict, state_root: Path):
+        """Each node keeps its state in `state_root/node-<id>` unless its config says where."""
+        node_configs = {n: {"state-dir": str(state_root / f"node-{n}"), **c}
+                        for n, c in node_configs.items()}
         self.contexts = {n: Context(run_id=1, node_id=n, node_config=c, state=RecordDict(),
                                     run_config=run_config) for n, c in node_configs.items()}
         self.broken: set[int] = set()
@@ -167,7 +170,8 @@ def test_flower_transport_matches_the_simulation(tiny_overrides, tmp_path):
     config = load_config(None, tiny_overrides)
     grid = MemoryGrid({9001: {"partition-id": 2, "num-partitions": 3},
                        17: {"partition-id": 0, "num-partitions": 3},
-                       555: {"partition-id": 1, "num-partitions": 3}}, _run_config(config, tmp_path))
+                       555: {"partition-id": 1, "num-partitions": 3}}, _run_config(config, tmp_path),
+                      tmp_path / "sites")
     summary, out, transport = _flower_in_memory(config, tmp_path, grid)
     sim = fedlora.run(config, tmp_path / "sim", progress=None)
     assert transport.nodes == {0: 17, 1: 555, 2: 9001}
@@ -177,10 +181,11 @@ def test_flower_transport_matches_the_simulation(tiny_overrides, tmp_path):
     ours = load_file(out / "adapter" / "adapter_model.safetensors")
     theirs = load_file(tmp_path / "sim" / "adapter" / "adapter_model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    # the accountant lives in each node's Context.state: 2 rounds × 2 steps, as one ledger
-    for ctx in grid.contexts.values():
-        saved = json.loads(ctx.state.config_records[site.STATE]["accountant"])
-        assert sum(n for _, _, n in saved["history"]) == 4
+    # each site's ledger is on its own disk: 2 rounds × 2 steps, as one accountant
+    for ledger in (tmp_path / "sites").glob("node-*/run-*/ledger.json"):
+        rounds = json.loads(ledger.read_text())["rounds"]
+        assert sum(n for _, _, n in rounds[max(rounds, key=int)]["accountant"]["history"]) == 4
+    assert len(list((tmp_path / "sites").glob("node-*/run-*/ledger.json"))) == 3
 
 
 def test_personalised_method_is_scored_by_the_sites(tiny_overrides, tmp_path):
@@ -188,7 +193,7 @@ def test_personalised_method_is_scored_by_the_sites(tiny_overrides, tmp_path):
     held-out part — the same numbers as the simulation's per-client evaluation."""
     config = load_config(None, tiny_overrides + ["method.name=fedsa"])
     grid = MemoryGrid({k + 10: {"partition-id": k, "num-partitions": 3} for k in range(3)},
-                      _run_config(config, tmp_path))
+                      _run_config(config, tmp_path), tmp_path / "sites")
     summary, out, _ = _flower_in_memory(config, tmp_path, grid)
     sim = fedlora.run(config, tmp_path / "sim", progress=None)
     for key in ("test_accuracy", "test_loss", "test_accuracy_per_client", "epsilon_per_client",
@@ -201,7 +206,7 @@ def test_personalised_method_is_scored_by_the_sites(tiny_overrides, tmp_path):
 
 def _three_nodes(config, tmp_path) -> MemoryGrid:
     return MemoryGrid({k + 1: {"partition-id": k, "num-partitions": 3} for k in range(3)},
-                      _run_config(config, tmp_path))
+                      _run_config(config, tmp_path), tmp_path / "sites")
 
 
 def test_a_failed_site_is_logged_and_the_round_goes_on(tiny_overrides, tmp_path):
@@ -241,7 +246,8 @@ def test_too_few_answers_stop_the_run(tiny_overrides, tmp_path):
 
 def test_too_few_sites_connected(tiny_overrides, tmp_path):
     config = load_config(None, tiny_overrides + ["federation.min_clients=3"])
-    grid = MemoryGrid({1: {"partition-id": 0, "num-partitions": 3}}, _run_config(config, tmp_path))
+    grid = MemoryGrid({1: {"partition-id": 0, "num-partitions": 3}}, _run_config(config, tmp_path),
+                      tmp_path / "sites")
     transport = FlowerTransport(grid, ["neg", "pos"], 3, 5.0, say=lambda s: None)
     with pytest.raises(FederationError, match="only 1 of 3 sites connected"):
         transport.connect(0.1, 3)

@@ -8,6 +8,8 @@ picked free at run time, FLWR_HOME is a temporary folder, every wait is bounded,
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import ssl
 from pathlib import Path
@@ -44,9 +46,9 @@ def _records(folder: Path) -> list[dict]:
     return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def _flwr_run(d: Deployment, config, out: Path, connection: str = "local"):
+def _flwr_run(d: Deployment, config, out: Path, connection: str = "local", *extra: str):
     app = deploy.write_app(d.root / "app", config, out, round_timeout=300, connect_timeout=120)
-    proc = d.flwr("run", str(app), connection, "--stream", timeout=RUN_TIMEOUT)
+    proc = d.flwr("run", str(app), connection, "--stream", *extra, timeout=RUN_TIMEOUT)
     assert (out / "summary.json").exists(), (
         f"flwr run exited {proc.returncode} without a run folder; logs in {d.root}\n"
         + d.log(list(d.procs)[-1])[-3000:])
@@ -153,3 +155,42 @@ def test_tls_and_supernode_authentication(deployment, tiny_overrides, tmp_path):
     intruder = d.procs["intruder"]
     wait_for(lambda: intruder.poll() is not None, 60, "the unregistered SuperNode to be refused")
     assert intruder.returncode != 0 and "Failed to activate SuperNode" in d.log("intruder")
+
+
+def _ledger_steps(state: Path) -> int:
+    (ledger,) = state.glob("run-*/ledger.json")
+    rounds = json.loads(ledger.read_text())["rounds"]
+    return max(sum(n for _, _, n in e["accountant"]["history"]) for e in rounds.values())
+
+
+def test_a_killed_server_and_site_resume_to_the_same_adapter(deployment, tiny_overrides, tmp_path):
+    """2 sites, 3 rounds. Once round 1 is checkpointed, SIGKILL the ServerApp process and site
+    1's SuperNode, start that SuperNode again (same state-dir), and resume with `flwr run ...
+    --run-config resume=true`: the simulation's adapter and ε per site — no site's ledger
+    restarted at 0, no round charged twice."""
+    config = load_config(None, tiny_overrides + ["federation.clients=2", "federation.rounds=3",
+                                                 "federation.min_clients=2"])
+    sim = fedlora.run(config, tmp_path / "sim", progress=None)
+    d = deployment
+    d.superlink()
+    nodes = {k: {"partition-id": k, "num-partitions": 2, "state-dir": str(tmp_path / f"site{k}")}
+             for k in range(2)}
+    for k, node_config in nodes.items():
+        d.supernode(f"node{k}", node_config)
+    deploy.write_connection(d.home, "local", d.address)
+    out, partial = tmp_path / "flower", tmp_path / "flower.partial"
+    app = deploy.write_app(d.root / "app", config, out, round_timeout=300, connect_timeout=120)
+    run = d.start("flwr-run", [deploy.executable("flwr"), "run", str(app), "local", "--stream"])
+    wait_for(lambda: (partial / "checkpoint.safetensors").exists(), RUN_TIMEOUT,
+             "round 1's checkpoint", [run])
+    (server_app,) = d.processes("flwr-serverapp")
+    os.kill(server_app, signal.SIGKILL)  # the server dies: no cleanup, DIR.partial stays
+    d.kill(run)
+    d.kill(d.procs["node1"])
+    d.supernode("node1-again", nodes[1])
+    assert partial.is_dir() and not out.exists()
+    summary = _flwr_run(d, config, out, "local", "--run-config", "resume=true")
+    _assert_same_as_simulation(out, tmp_path / "sim", rounds=3)
+    assert summary["epsilon_per_client"] == pytest.approx(sim["epsilon_per_client"], rel=1e-12)
+    assert summary["steps"] == sim["steps"] == [6, 6]
+    assert [_ledger_steps(tmp_path / f"site{k}") for k in range(2)] == [6, 6]

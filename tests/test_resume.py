@@ -67,8 +67,10 @@ DRIVER = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def overrides(tiny_model_dir, toy_csv):
-    return [f"model.path={tiny_model_dir}", "model.max_length=16", f"data.path={toy_csv}",
+def overrides(tiny_st_model_dir, toy_csv):
+    """Mean-pooled, unit-norm features as in the default job: the run starts with the DP
+    feature-centring query, so kills before, during and after it are covered too."""
+    return [f"model.path={tiny_st_model_dir}", "model.max_length=16", f"data.path={toy_csv}",
             "data.text_column=review", "data.label_column=sentiment", "data.group_column=film",
             "federation.rounds=3", "federation.local_steps=2", "train.batch_size=16",
             "train.eval_batch_size=64", "threads=1"]
@@ -95,6 +97,8 @@ def outcome(folder: Path) -> dict:
     summary = json.loads((folder / "summary.json").read_text())
     for k in ("wall_seconds", "out"):
         summary.pop(k, None)
+    if summary.get("feature_center"):
+        summary["feature_center"].pop("seconds")
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     for m in metrics:
         m.pop("seconds")
@@ -122,6 +126,7 @@ def _spent(partial: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("points", [
+    ["trained:-1,1"],                     # clients 0, 1 answered the centring query, 2 not yet
     ["trained:0,1"],                      # before any checkpoint; ledgers of clients 0, 1 ahead
     ["torn:2"],                           # the second checkpoint half-written: the first is used
     ["checkpointed:1", "trained:2,0"],    # killed, resumed, killed again, resumed
@@ -237,3 +242,21 @@ def test_resume_may_change_threads_only(tmp_path, overrides, monkeypatch):
     import torch
     assert torch.get_num_threads() == 2
     torch.set_num_threads(1)
+
+
+def test_ledger_latest_is_what_was_spent_last_not_the_highest_round(tmp_path):
+    """A client that missed round 2 before a crash may train it, for the first time, after the
+    server resumes from round 1: that entry holds every step charged, round 3's included."""
+    from fedlora.privacy.ledger import LedgerError, PrivacyLedger
+
+    ledger = PrivacyLedger(tmp_path / "l.json")
+    ledger.record(0, "d0", {"kind": "rdp", "history": [[1.0, 0.1, 2]]})
+    ledger.record(2, "d2", {"kind": "rdp", "history": [[1.0, 0.1, 4]]})
+    ledger.record(1, "d1", {"kind": "rdp", "history": [[1.0, 0.1, 6]]})  # after the resume
+    assert PrivacyLedger(tmp_path / "l.json").latest["history"] == [[1.0, 0.1, 6]]
+    ledger.forget_before(5)
+    assert sorted(ledger.rounds) == [1]
+    (tmp_path / "bad.json").write_text('{"rounds": {"0": {"digest": "d", "accountant": '
+                                       '{"kind": "rdp", "history": [[1.0, 0.1, "many"]]}}}}')
+    with pytest.raises(LedgerError, match="unreadable"):
+        PrivacyLedger(tmp_path / "bad.json")

@@ -125,7 +125,7 @@ def test_learns_without_dp(tmp_path, tiny_overrides):
     """The toy task is learnable: more rounds without DP reach high accuracy."""
     s = fedlora.run(None, tmp_path / "learn", progress=None, overrides=tiny_overrides + [
         "privacy.epsilon=inf", "federation.rounds=10", "federation.local_steps=5",
-        "train.optimizer=adam", "train.lr=0.05", "data.partition=iid"])
+        "train.optimizer=adam", "train.lr=0.05", "data.partition=iid", "method.alpha=8"])
     assert s["test_accuracy"] >= 0.8
 
 

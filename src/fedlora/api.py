@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -15,14 +16,17 @@ from fedlora.config import Config, apply_override, config_from_dict, config_to_t
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.experiment import Experiment, build_experiment, majority_accuracy, partition_report
 from fedlora.federation import checkpoint as ckpt
+from fedlora.federation.centering import centering_enabled, fold_center
 from fedlora.federation.client import Client
 from fedlora.federation.server import FederationState, RoundPlan, Transport, run_rounds
 from fedlora.federation.simulation import InProcessTransport
 from fedlora.federation.validate import UpdateValidator, template_state
+from fedlora.methods import keys
 from fedlora.methods.base import GlobalState, Method, State
 from fedlora.model import AdapterHandle, count_parameters, save_base_delta
 from fedlora.outputs import RunFolder, default_out_dir
 from fedlora.privacy.ledger import PrivacyLedger, adopt_ledger
+from fedlora.tasks.base import Task
 
 
 def run(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,
@@ -43,7 +47,7 @@ def run(config: Config | dict | str | Path | None = None, out: str | Path | None
     start = time.perf_counter()
     if resume is not None:
         folder = RunFolder(resume, resume=True)
-        config, saved = _resume_config(folder, config, overrides)
+        config, saved = resume_config(folder, config, overrides)
     else:
         config, saved = _resolve(config, overrides), None
         folder = RunFolder(out or default_out_dir(config.method.name, config.privacy.epsilon))
@@ -67,7 +71,7 @@ def run(config: Config | dict | str | Path | None = None, out: str | Path | None
     return summary
 
 
-def _resume_config(folder: RunFolder, config, overrides) -> tuple[Config, ckpt.Checkpoint | None]:
+def resume_config(folder: RunFolder, config, overrides) -> tuple[Config, ckpt.Checkpoint | None]:
     """The interrupted run's config (checked against any config given) and its checkpoint."""
     try:
         stored = load_config(folder.path("config.toml"))
@@ -129,7 +133,7 @@ def _execute(exp: Experiment, folder: RunFolder, say, start: float,
     if not folder.resuming:
         folder.write_json("partition.json", partition_report(exp))
     server = ServerSide(exp.config, exp.method, exp.trainer.handle, exp.initial, exp.evaluate,
-                        majority_accuracy(exp))
+                        majority_accuracy(exp), exp.task, exp.tokenizer)
     transport = InProcessTransport(exp.trainer, exp.clients)
     return execute(server, transport, folder, say, start,
                    lambda: [client_facts(c) for c in exp.clients], exp.clients, saved)
@@ -146,6 +150,8 @@ class ServerSide:
     initial: State
     evaluate: Callable[[GlobalState], dict[str, float]]
     majority_accuracy: float | None = None
+    task: Task | None = None  # for the task's own exports (a causal LM's merged model)
+    tokenizer: object = None
 
 
 def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, start: float,
@@ -168,7 +174,7 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
     f = config.federation
     plan = RoundPlan(f.rounds, f.clients, f.clients_per_round, f.eval_every, config.seed,
                      f.min_clients, checkpoint_every=f.checkpoint_every,
-                     on_bad_update=f.on_bad_update)
+                     on_bad_update=f.on_bad_update, center_dim=_center_dim(config, server.handle))
     if saved is not None:
         state = ckpt.restore(saved, clients)
         say(f"resuming after round {saved.round} of {f.rounds} from {folder.partial}")
@@ -180,6 +186,7 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
         client.ledger = PrivacyLedger(folder.path(f"ledger/client-{client.cid}.json"))
         adopt_ledger(client.ledger, client.privacy.accountant)
     folder.write_jsonl("metrics.jsonl", state.history)  # drops lines past the checkpoint
+    initial = _initial_scores(server, state, folder, say)
     validator = UpdateValidator(server.method, template_state(server.handle, server.initial),
                                 f.max_update_norm)
 
@@ -189,16 +196,47 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
 
     def save(state: FederationState) -> None:
         ckpt.save_checkpoint(folder.path(ckpt.FILENAME), config, state, clients)
-        for client in clients:
-            client.ledger.forget_before(len(state.history))
+        transport.checkpointed(len(state.history))
+
+    if saved is not None:  # what the checkpoint holds will never be asked for again
+        transport.checkpointed(saved.round)
+
+    def on_center(info: dict) -> None:
+        say(report.center_line(info, config))
 
     run_rounds(server.method, state, transport, plan, server.evaluate, on_round,
-               validator=validator, checkpoint=save, timings=timings)
+               validator=validator, checkpoint=save, on_center=on_center, timings=timings)
     export_adapter(server, state, folder.path("adapter"), clients)
     summary = build_summary(server, state, facts(), time.perf_counter() - start)
+    if initial is not None:
+        summary["initial"] = initial
     folder.write_json("summary.json", summary)
     folder.path(ckpt.FILENAME).unlink(missing_ok=True)  # the results supersede it
     return summary
+
+
+def _center_dim(config: Config, handle: AdapterHandle) -> int:
+    """The feature size μ has, if this run centres the classifier's features (else 0)."""
+    if not centering_enabled(config) or keys.CENTER not in handle.shapes():
+        return 0
+    return handle.shapes()[keys.CENTER][0]
+
+
+def _initial_scores(server: ServerSide, state: FederationState, folder: RunFolder,
+                    say) -> dict | None:
+    """With `federation.evaluate_initial`: the starting model's scores (kept in the run folder,
+    so a resumed run reports the same ones without evaluating again)."""
+    if not server.config.federation.evaluate_initial:
+        return None
+    path = folder.path("initial_scores.json")
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    if state.history:  # resumed past round 1 without them: the starting model is gone
+        return None
+    scores = server.evaluate(state.glob)
+    folder.write_json("initial_scores.json", scores)
+    say(report.initial_line(scores, server.config))
+    return scores
 
 
 def client_facts(client: Client) -> dict:
@@ -212,23 +250,30 @@ def export_adapter(server: ServerSide, state: FederationState, path: Path,
     """The global adapter (LoRA A, B and the head) in PEFT's format, loadable with
     `PeftModel.from_pretrained(base, path)`.
 
-    Methods that change base weights (FedEx-LoRA, FLoRA, full) also write
+    The feature centre μ (`fedlora.federation.centering`) is folded into the head's bias, so the
+    adapter loads on a fresh base model. Methods that change base weights (FedEx-LoRA, FLoRA,
+    full) also write
     `base_delta.safetensors` next to `adapter/`: Δ keyed by the plain model's parameter names,
     to add to the base before loading the adapter (`fedlora.model.apply_base_delta`).
+    The task may add files of its own: a causal LM writes `merged/`, the base model with the
+    adapter (and any base change) folded in, for plain `AutoModelForCausalLM.from_pretrained`.
     Personalised methods also write each client's own adapter to `clients/<k>/adapter`, for
     the clients this process holds (all of them in simulation; none on a Flower server, where
     personal tensors never leave their sites).
     """
     glob, method = state.glob, server.method
     handle = server.handle
-    handle.install({**server.initial, **glob.tensors()})
+    handle.install(fold_center({**server.initial, **glob.tensors()}))
     handle.model.save_pretrained(str(path))
-    if glob.base_delta:
-        save_base_delta(glob.base_delta, path.parent / "base_delta.safetensors")
+    if server.task is not None:
+        server.task.export(handle.model, server.tokenizer, path.parent)
+    base_delta = fold_center(glob.base_delta)
+    if base_delta:
+        save_base_delta(base_delta, path.parent / "base_delta.safetensors")
     if method.personalised:
         for client in clients:
-            handle.install(method.client_state(
-                server.initial, client.personal, method.download(glob, client.cid), client.cid))
+            handle.install(fold_center(method.client_state(
+                server.initial, client.personal, method.download(glob, client.cid), client.cid)))
             handle.model.save_pretrained(str(path.parent / "clients" / str(client.cid) / "adapter"))
     handle.install({**server.initial, **glob.tensors()})
 
@@ -243,6 +288,8 @@ def build_summary(server: ServerSide, state: FederationState, facts: list[dict],
     column = lambda key: [c.get(key) for c in facts]  # noqa: E731
     return {
         "method": config.method.name,
+        "task": config.task.kind,
+        "metric": server.task.metric if server.task is not None else "accuracy",
         "test_accuracy": final.get("test_accuracy"),
         "test_loss": final.get("test_loss"),
         "test_accuracy_per_client": final.get("test_accuracy_per_client"),
@@ -258,6 +305,7 @@ def build_summary(server: ServerSide, state: FederationState, facts: list[dict],
         "sample_rates": column("sample_rate"),
         "steps": column("steps"),
         "client_sizes": column("size"),
+        "feature_center": state.center or None,
         "rounds": len(state.history),
         "rounds_planned": config.federation.rounds,
         "clients": config.federation.clients,

@@ -22,9 +22,32 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="section.key=value",
                      help="config overrides, e.g. privacy.epsilon=inf method.name=lora")
     sub.add_parser("methods", help="list the federated methods")
+    data = sub.add_parser("data", help="write generated prompt/answer pairs (reasoning-gym) to JSONL")
+    data.add_argument("generator", choices=["gsm", "arithmetic"],
+                      help="gsm: GSM-Symbolic word problems; arithmetic: 2–3 terms of 1–2 digits, + and −")
+    data.add_argument("--out", required=True, help="the .jsonl file to write")
+    data.add_argument("--size", type=int, required=True, help="number of pairs")
+    data.add_argument("--seed", type=int, default=0, help="the same seed gives the same pairs")
     show = sub.add_parser("config", help="print the resolved config as TOML")
     show.add_argument("--config")
     show.add_argument("overrides", nargs="*", metavar="section.key=value")
+    sweep = sub.add_parser("sweep", help="run every setting of a grid config (keys holding lists), "
+                                         "skipping complete runs and resuming interrupted ones")
+    sweep.add_argument("--config", required=True, metavar="GRID.toml",
+                       help="grid: a config whose keys may hold lists, plus [sweep], [select], "
+                            "[[cases]] (see configs/study/)")
+    sweep.add_argument("--out", help="folder for the run folders (default: sweep.out in the grid)")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="list the runs and which are complete; run nothing")
+    sweep.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="grid overrides; a list sweeps, e.g. seed=[0,1] threads=1")
+    rep = sub.add_parser("report", help="tables (CSV, Markdown) and plots (PNG) of run folders")
+    rep.add_argument("dirs", nargs="+", metavar="DIR",
+                     help="run folders, or folders of run folders (a sweep's out)")
+    rep.add_argument("--out", help="where to write (default: DIR/report for one DIR)")
+    rep.add_argument("--target", type=float,
+                     help="test accuracy for the bytes-to-target table (default: the highest "
+                          "every setting reaches)")
     from fedlora.federation.flower.cli import add_parser as add_flower
 
     add_flower(sub)
@@ -68,10 +91,29 @@ def _dispatch(args: argparse.Namespace) -> int:
         for name in available_methods():
             print(f"{name:10s} {method_class(name).__doc__.strip().splitlines()[0]}")
         return 0
+    if args.command == "data":
+        from fedlora.data.generators import generate, write_jsonl
+
+        out = write_jsonl(generate(args.generator, args.size, args.seed), args.out)
+        print(f"wrote {args.size} {args.generator} pairs to {out} (seed {args.seed}); train on them "
+              f"with task.kind=causal data.path={out} data.text_column=question "
+              "data.label_column=answer")
+        return 0
     if args.command == "flower":
         from fedlora.federation.flower.cli import dispatch
 
         return dispatch(args)
+    if args.command == "sweep":
+        from fedlora.study.grid import load_grid
+        from fedlora.study.sweep import sweep
+
+        sweep(load_grid(args.config, args.overrides), args.out, dry_run=args.dry_run)
+        return 0
+    if args.command == "report":
+        from fedlora.study.report import write_report
+
+        write_report(args.dirs, args.out, args.target)
+        return 0
     from fedlora.config import config_to_toml, load_config
 
     if args.command == "config":

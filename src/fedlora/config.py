@@ -23,7 +23,10 @@ PARTITIONS = ("iid", "dirichlet", "group")
 OPTIMIZERS = ("sgd", "adam")
 HEADS = ("shared", "local")
 ACCOUNTANTS = ("rdp", "prv")
+CENTERS = ("auto", "off")
 BAD_UPDATE = ("skip", "stop")
+TASKS = ("classification", "causal")
+SCORERS = ("numeric", "gsm", "exact")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -33,11 +36,32 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 @dataclass
+class TaskConfig:
+    kind: str = _f("classification", "classification (a text → label head on an encoder) or causal "
+                   "(prompt → answer with a causal LM: loss on the answer tokens, generation scored "
+                   "by exact match); for causal, data.text_column is the prompt and "
+                   "data.label_column the answer")
+    chat_template: bool = _f(True, "causal: wrap each prompt in the tokenizer's chat template "
+                             "(when it has one) as a user turn")
+    max_new_tokens: int = _f(16, "causal: tokens generated per held-out prompt at evaluation "
+                             "(greedy); bounds the evaluation's cost")
+    scorer: str = _f("numeric", f"causal: exact match of a generation — {', '.join(SCORERS)} "
+                     "(numeric: its last number equals the answer; gsm: reasoning-gym's "
+                     "gsm_symbolic scorer; exact: the stripped text equals the answer)")
+    export_merged: bool = _f(True, "causal: also write merged/, the base with the adapter folded "
+                             "in, loadable by plain transformers")
+
+
+@dataclass
 class ModelConfig:
     path: str = _f("all-MiniLM-L6-v2", "shipped model name or a Hugging Face model folder")
     max_length: int = _f(64, "tokens kept per text (the shipped snippets are at most ~70 tokens)")
     pooling: str = _f("auto", "classifier input: auto (the checkpoint's own pooling), cls, mean, "
                       "mean_normalized")
+    center: str = _f("auto", "subtract the clients' DP mean feature from the classifier input: "
+                     "auto (when the features are unit-norm, i.e. mean_normalized pooling) or off")
+    center_examples: int = _f(1024, "expected examples per client (Poisson-sampled) in the DP "
+                              "feature mean computed before round 1")
 
 
 @dataclass
@@ -74,13 +98,15 @@ class FederationConfig:
     max_update_norm: float = _f(
         0.0, "reject an update whose L2 distance from what the client was sent exceeds this "
         "(0 = no bound)")
+    evaluate_initial: bool = _f(
+        False, "also evaluate the starting model before round 1 (summary: 'initial')")
 
 
 @dataclass
 class MethodConfig:
     name: str = _f("ffa", "federated method (see `fedlora methods`)")
     rank: int = _f(8, "LoRA rank r")
-    alpha: float = _f(8.0, "LoRA scaling alpha; the update is (alpha/r)·B·A")
+    alpha: float = _f(1.0, "LoRA scaling alpha; the update is (alpha/r)·B·A")
     target_modules: list[str] = _f(["query", "value"], "names of the linear layers that get LoRA")
     client_ranks: list[int] = _f(
         [], "one LoRA rank per client, e.g. [4, 8, 16] (empty = every client uses method.rank); "
@@ -97,10 +123,13 @@ class MethodConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = _f(256, "expected examples per DP-SGD step (Poisson sampling)")
-    lr: float = _f(0.005, "learning rate of the local optimizer")
+    lr: float = _f(0.02, "learning rate of the local optimizer")
     optimizer: str = _f("adam", f"local optimizer: {', '.join(OPTIMIZERS)}")
     momentum: float = _f(0.9, "SGD momentum (reset each round: optimizer state never leaves a client)")
     micro_batch_size: int = _f(64, "examples per forward pass; a batch is split, never changed")
+    gradient_checkpointing: bool = _f(
+        False, "recompute activations in the backward pass: less memory, more compute; "
+        "per-example DP gradients stay exact")
     eval_batch_size: int = _f(512, "examples per evaluation batch")
 
 
@@ -110,12 +139,15 @@ class PrivacyConfig:
     delta: float = _f(1e-5, "delta of (epsilon, delta)-DP")
     clip: float = _f(1.0, "per-example gradient norm bound")
     accountant: str = _f("rdp", f"privacy accountant: {', '.join(ACCOUNTANTS)}")
+    center_noise: float = _f(5.0, "noise multiplier of the Gaussian mechanism on each client's "
+                             "feature sum (model.center; accounted with the DP-SGD steps)")
 
 
 @dataclass
 class Config:
     seed: int = _f(0, "seed for the split, LoRA A, client sampling and DP noise")
     threads: int = _f(0, "torch CPU threads (0 = all cores)")
+    task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
@@ -271,6 +303,9 @@ def validate(config: Config) -> None:
     _check(c.model.pooling in ("auto", "cls", "mean", "mean_normalized"),
            f"model.pooling must be auto, cls, mean or mean_normalized, got '{c.model.pooling}'")
     _check(c.model.max_length >= 8, "model.max_length must be ≥ 8 tokens")
+    _check(c.model.center in CENTERS,
+           f"model.center must be one of {', '.join(CENTERS)}, got '{c.model.center}'")
+    _check(c.model.center_examples >= 1, "model.center_examples must be ≥ 1, e.g. 1024")
     _check(0 < c.data.test_fraction < 1, "data.test_fraction must be in (0, 1), e.g. 0.2")
     _check(0 <= c.data.validation_fraction < 1, "data.validation_fraction must be in [0, 1)")
     _check(c.data.test_fraction + c.data.validation_fraction < 0.9,
@@ -326,11 +361,31 @@ def validate(config: Config) -> None:
     _check(0 <= t.momentum < 1, "train.momentum must be in [0, 1)")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size must be ≥ 1")
     _check(t.eval_batch_size >= 1, "train.eval_batch_size must be ≥ 1")
+    _validate_task(c)
     p = c.privacy
     _check(p.epsilon > 0, "privacy.epsilon must be > 0 (or inf to turn DP off), e.g. 3")
     _check(0 < p.delta < 1, "privacy.delta must be in (0, 1), e.g. 1e-5")
     _check(p.clip > 0 and math.isfinite(p.clip), "privacy.clip must be a positive number, e.g. 1.0")
     _check(p.accountant in ACCOUNTANTS, f"privacy.accountant must be one of {', '.join(ACCOUNTANTS)}")
+    _check(p.center_noise > 0 and math.isfinite(p.center_noise),
+           "privacy.center_noise must be a positive number, e.g. 5 (or set model.center='off')")
+
+
+def _validate_task(c: Config) -> None:
+    t = c.task
+    _check(t.kind in TASKS, f"task.kind must be one of {', '.join(TASKS)}, got '{t.kind}'")
+    _check(t.max_new_tokens >= 1, "task.max_new_tokens must be ≥ 1, e.g. 16")
+    _check(t.scorer in SCORERS, f"task.scorer must be one of {', '.join(SCORERS)}, got '{t.scorer}'")
+    if t.kind != "causal":
+        return
+    _check(c.model.path != ModelConfig.path,
+           f"model.path: {ModelConfig.path} is an encoder, not a causal LM — for task.kind=causal "
+           "set model.path=SmolLM2-135M-Instruct (shipped) or a causal LM folder")
+    _check(c.data.partition in ("iid", "group"),
+           f"data.partition='{c.data.partition}' splits by label, and prompt/answer pairs have "
+           "none — for task.kind=causal use iid or group (e.g. data.group_column=difficulty)")
+    _check(c.method.head == "shared",
+           "method.head='local': a causal LM has no task head to keep local — remove method.head")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -6,24 +6,27 @@ method → each client's DP plan. Any bad input fails here, with one clear messa
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from fedlora.config import Config
 from fedlora.data.batching import encode
+from fedlora.data.pairs import PairDataset
 from fedlora.data.partition import label_counts, partition
-from fedlora.data.sources import TextDataset, load_dataset, split_holdout
+from fedlora.data.sources import TextDataset, split_holdout
 from fedlora.errors import DataError
+from fedlora.federation.centering import centering_enabled
 from fedlora.federation.client import Client, LocalTrainer
 from fedlora.federation.evaluate import Evaluator, PersonalisedEvaluation
 from fedlora.methods import get_method
 from fedlora.methods.base import Method, State
-from fedlora.model import AdapterHandle, attach_lora, load_classifier, load_tokenizer, resolve_model_path
+from fedlora.model import (AdapterHandle, attach_lora, enable_gradient_checkpointing, load_tokenizer,
+                           resolve_model_path)
 from fedlora.privacy.plan import plan_client_privacy
 from fedlora.seeding import derive_seed
+from fedlora.tasks import get_task
+from fedlora.tasks.base import Task
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Experiment:
     clients: list[Client]
     evaluators: list[Evaluator]
     model_path: str
+    task: Task
+    tokenizer: object
 
     def evaluate(self, glob) -> dict[str, float]:
         scores: dict[str, float] = {}
@@ -89,18 +94,9 @@ def split_data(dataset: TextDataset, config: Config, personalised: bool = False)
     return Split(test=test, validation=validation, clients=[[pool[i] for i in p] for p in parts])
 
 
-def load_data(config: Config) -> TextDataset:
-    d = config.data
-    group = d.group_column if d.partition == "group" else None
-    dataset = load_dataset(d.path, text_column=d.text_column, label_column=d.label_column,
-                           group_column=group)
-    if d.max_examples and d.max_examples < len(dataset):
-        rng = np.random.default_rng(derive_seed(config.seed, "subsample"))
-        keep = sorted(rng.choice(len(dataset), size=d.max_examples, replace=False).tolist())
-        dataset = TextDataset(
-            texts=[dataset.texts[i] for i in keep], labels=[dataset.labels[i] for i in keep],
-            label_names=dataset.label_names,
-            groups=[dataset.groups[i] for i in keep] if dataset.groups else None)
+def load_data(config: Config, task: Task | None = None) -> TextDataset | PairDataset:
+    """The task's data set (`data.max_examples` of it, drawn at random, if set)."""
+    dataset = (task or get_task(config)).load_data()
     if config.federation.clients > len(dataset):
         raise DataError(f"federation.clients={config.federation.clients} is more than the "
                         f"{len(dataset)} examples in the data — use fewer clients or more data")
@@ -120,69 +116,87 @@ class Base:
     tokenizer: object
     pad_id: int
     model_path: str
+    task: Task
 
     def encode(self, texts: list[str], config: Config) -> list[list[int]]:
         return encode(self.tokenizer, texts, config.model.max_length)
 
 
-def build_base(config: Config, num_labels: int, method: Method | None = None) -> Base:
+def build_base(config: Config, num_labels: int = 0, method: Method | None = None,
+               task: Task | None = None) -> Base:
+    """`num_labels`: the classifier head's size (unused by a causal LM)."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    task = task or get_task(config)
     model_path = resolve_model_path(config.model.path)
     tokenizer = load_tokenizer(model_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model = attach_lora(load_classifier(model_path, num_labels, config.seed, config.model.pooling),
-                        config.method, config.seed)
+    pad_id = _pad_id(tokenizer)
+    model = task.load_model(model_path, num_labels)
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model = attach_lora(model, config.method, config.seed, task.peft_task_type)
     handle = AdapterHandle.of(model)
     return Base(model, handle, handle.state(), method or get_method(config.method), tokenizer, pad_id,
-                model_path)
+                model_path, task)
+
+
+def _pad_id(tokenizer) -> int:
+    """Padding never reaches a loss or a prediction (masked, or after a causal sequence), so any
+    id does; the tokenizer's own, else its end-of-sequence token, else 0."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
 
 
 def build_trainer(config: Config, base: Base) -> LocalTrainer:
     return LocalTrainer(base.model, base.method, config.train, config.federation.local_steps,
-                        base.pad_id, base.initial)
+                        base.pad_id, base.initial, loss=base.task.loss)
 
 
 def build_client(config: Config, cid: int, token_ids: list[list[int]], labels: list[int]) -> Client:
     """One data owner with its DP plan: σ calibrated for every round it could take part in."""
     f = config.federation
+    center = config.model.center_examples if centering_enabled(config) else 0
     privacy = plan_client_privacy(config.privacy, len(labels), config.train.batch_size,
-                                  f.rounds * f.local_steps)
+                                  f.rounds * f.local_steps, center)
     return Client(cid=cid, token_ids=token_ids, labels=labels, privacy=privacy, seed=config.seed)
 
 
 def build_evaluators(config: Config, base: Base, dataset: TextDataset,
-                     held_out: dict[str, list[int]], tokens: dict[int, list[int]]) -> list[Evaluator]:
-    """The global model on held-out examples: one evaluator per non-empty `{prefix: positions}`."""
-    return [Evaluator(base.handle, base.initial, [tokens[i] for i in idx],
-                      [dataset.labels[i] for i in idx], base.pad_id,
-                      config.train.eval_batch_size, prefix)
+                     held_out: dict[str, list[int]], tokens: dict[int, list[int]],
+                     targets: dict[int, int] | None = None) -> list[Evaluator]:
+    """The global model on held-out examples: one evaluator per non-empty `{prefix: positions}`.
+    `targets` are the task's per-example targets (default: the data set's labels)."""
+    targets = targets if targets is not None else dict(enumerate(dataset.labels))
+    return [base.task.evaluator(base, dataset, idx, tokens, targets, prefix)
             for prefix, idx in held_out.items() if idx]
 
 
 def build_experiment(config: Config) -> Experiment:
     """The in-process simulation: the server side and every client, in one process."""
-    dataset = load_data(config)
+    task = get_task(config)
+    dataset = load_data(config, task)
     method = get_method(config.method)
     split = split_data(dataset, config, method.personalised)
     _check_labels_seen(dataset, split)
-    base = build_base(config, dataset.num_labels, method)
-    tokens = dict(enumerate(base.encode(dataset.texts, config)))
+    base = build_base(config, dataset.num_labels, method, task)
+    ids, target_list = task.encode(base.tokenizer, dataset)
+    tokens, targets = dict(enumerate(ids)), dict(enumerate(target_list))
     trainer = build_trainer(config, base)
-    clients = [build_client(config, cid, [tokens[i] for i in part], [dataset.labels[i] for i in part])
+    clients = [build_client(config, cid, [tokens[i] for i in part], [targets[i] for i in part])
                for cid, part in enumerate(split.clients)]
     if split.client_test is not None:
         evaluators = [PersonalisedEvaluation([
-            Evaluator(base.handle, base.initial, [tokens[i] for i in part],
-                      [dataset.labels[i] for i in part], base.pad_id,
-                      config.train.eval_batch_size, "test",
-                      view=_client_view(method, base.initial, client))
+            task.evaluator(base, dataset, part, tokens, targets, "test",
+                           view=_client_view(method, base.initial, client))
             for client, part in zip(clients, split.client_test)])]
     else:
-        evaluators = build_evaluators(config, base, dataset, {"test": split.test}, tokens)
-    evaluators += build_evaluators(config, base, dataset, {"validation": split.validation}, tokens)
+        evaluators = build_evaluators(config, base, dataset, {"test": split.test}, tokens, targets)
+    evaluators += build_evaluators(config, base, dataset, {"validation": split.validation}, tokens,
+                                   targets)
     return Experiment(config, dataset, split, method, base.model, base.initial, trainer,
-                      clients, evaluators, base.model_path)
+                      clients, evaluators, base.model_path, task, base.tokenizer)
 
 
 def _client_view(method: Method, initial: State, client: Client):
@@ -228,9 +242,8 @@ def test_positions(split: Split) -> list[int]:
     return split.test
 
 
-def majority_accuracy(exp: Experiment) -> float:
-    """Test accuracy of always predicting the most common training label (the floor to beat)."""
-    train = [exp.dataset.labels[i] for part in exp.split.clients for i in part]
-    majority = max(set(train), key=train.count)
-    test = [exp.dataset.labels[i] for i in test_positions(exp.split)]
-    return sum(1 for y in test if y == majority) / len(test) if test else math.nan
+def majority_accuracy(exp: Experiment) -> float | None:
+    """The task's trivial score to beat: for a classifier, the test accuracy of always predicting
+    the most common training label; None for a causal LM."""
+    train = [i for part in exp.split.clients for i in part]
+    return exp.task.baseline(exp.dataset, train, test_positions(exp.split))

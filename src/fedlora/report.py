@@ -29,25 +29,28 @@ def banner(config: Config) -> str:
 
 
 def describe_setup(exp) -> str:
+    labels = (f", labels {exp.dataset.label_names}" if exp.task.kind == "classification"
+              else f", {exp.task.kind} task")
     lines = [f"model {exp.config.model.path} · data {exp.config.data.path}: "
-             f"{len(exp.dataset)} examples, labels {exp.dataset.label_names}, "
-             f"test {len(exp.split.test)}"
+             f"{len(exp.dataset)} examples{labels}, test {len(exp.split.test)}"
              + (f", validation {len(exp.split.validation)}" if exp.split.validation else "")]
-    names = exp.dataset.label_names
     for c in exp.clients:
-        counts = [0] * len(names)
-        for y in c.labels:
-            counts[y] += 1
-        shown = " ".join(f"{n}={k}" for n, k in zip(names, counts))
         dp = (f"q={c.privacy.sample_rate:.3f} σ={c.privacy.noise_multiplier:.3f}"
               if c.privacy.enabled else "no DP")
-        lines.append(f"  client {c.cid}: {c.num_examples:5d} examples ({shown}) · {dp}")
+        lines.append(f"  client {c.cid}: {exp.task.describe_client(c, exp.dataset)} · {dp}")
     return "\n".join(lines)
+
+
+def initial_line(scores: dict[str, Any], config: Config) -> str:
+    metric = "acc" if config.task.kind == "classification" else "exact match"
+    return (f"round   0 (starting model) · test {metric} "
+            f"{scores.get('test_accuracy', math.nan):.3f} loss {scores.get('test_loss', math.nan):.3f}")
 
 
 def round_line(record: dict[str, Any], config: Config) -> str:
     acc = record.get("test_accuracy")
-    scores = (f"test acc {acc:.3f} loss {record['test_loss']:.3f}" if acc is not None
+    metric = "acc" if config.task.kind == "classification" else "exact match"
+    scores = (f"test {metric} {acc:.3f} loss {record['test_loss']:.3f}" if acc is not None
               else "(not evaluated)")
     if record.get("validation_accuracy") is not None:
         scores += f" · val acc {record['validation_accuracy']:.3f}"
@@ -62,10 +65,27 @@ def round_line(record: dict[str, Any], config: Config) -> str:
             f"up {_bytes(record['bytes_uploaded'])} · {record['seconds']:.1f} s{refused}")
 
 
+def center_line(info: dict[str, Any], config: Config) -> str:
+    """The feature-centring query's outcome (`fedlora.federation.centering`)."""
+    noise = f"σ_m={config.privacy.center_noise:g}" if config.private else "no noise"
+    if not info.get("clients"):
+        head = "feature centre: no usable answer, the classifier reads uncentred features"
+    else:
+        head = (f"feature centre μ from {info['clients']} clients (≈{info['examples']:.0f} "
+                f"examples, {noise}): ‖μ‖ = {info['norm']:.3f}")
+    problems = {**info.get("rejected", {}), **info.get("refused", {}), **info.get("failed", {})}
+    extra = "".join(f" · client {c}: {why}" for c, why in sorted(problems.items()))
+    return f"{head} · up {_bytes(info['bytes_uploaded'])} · {info['seconds']:.1f} s{extra}"
+
+
 def summary_table(s: dict[str, Any]) -> str:
     rows = [
         ("method", s["method"]),
-        ("test accuracy", f"{s['test_accuracy']:.4f}" if s["test_accuracy"] is not None else "-"),
+        (f"test {s.get('metric', 'accuracy')}",
+         f"{s['test_accuracy']:.4f}" if s["test_accuracy"] is not None else "-"),
+        *([("  before round 1", f"{s['initial']['test_accuracy']:.4f} (loss "
+                                f"{s['initial']['test_loss']:.4f})")] if s.get("initial") else []),
+        ("test loss", f"{s['test_loss']:.4f}" if s.get("test_loss") is not None else "-"),
         ("majority-class accuracy",
          f"{s['majority_accuracy']:.4f}" if s.get("majority_accuracy") is not None else "-"),
         ("ε spent (max over clients)", f"{_eps(s['epsilon'])} (target {_eps(s['epsilon_target'])}, "

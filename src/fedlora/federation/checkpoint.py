@@ -76,6 +76,7 @@ def save_checkpoint(path: str | Path, config: Config, state: FederationState, cl
         "bytes_uploaded": state.bytes_uploaded,
         "bytes_downloaded": state.bytes_downloaded,
         "history": state.history,
+        "center": state.center,
         "clients": {str(c.cid): {"steps": c.steps, "accountant": c.privacy.accountant.state_dict()}
                     for c in clients},
     }
@@ -120,6 +121,7 @@ def restore(ckpt: Checkpoint, clients=()) -> FederationState:
         bytes_uploaded=int(m["bytes_uploaded"]),
         bytes_downloaded=int(m["bytes_downloaded"]),
         history=list(m["history"]),
+        center=dict(m.get("center", {})),
     )
     for c in clients:
         saved = m["clients"].get(str(c.cid))

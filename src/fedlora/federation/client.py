@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from fedlora.data.batching import collate, length_groups
 from fedlora.methods import lowrank
 from fedlora.methods.base import Method, State
 from fedlora.model import AdapterHandle
+from fedlora.federation import centering
 from fedlora.federation.timing import Timings, phase
 from fedlora.federation.wire import state_digest
 from fedlora.privacy.accountant import PrivacyAccountant
@@ -40,9 +42,24 @@ class ClientReply:
     refused: str | None = None
 
 
+ExampleLoss = Callable[[nn.Module, list[list[int]], list[int], list[int], int], Tensor]
+
+
+def classification_loss(model: nn.Module, token_ids: list[list[int]], labels: list[int],
+                        idx: list[int], pad_id: int) -> Tensor:
+    """Per-example cross-entropy of the classifier on examples `idx`."""
+    batch = collate(token_ids, idx, pad_id)
+    target = torch.tensor([labels[i] for i in idx], dtype=torch.long)
+    return F.cross_entropy(model(**batch).logits, target, reduction="none")
+
+
 @dataclass
 class Client:
-    """One data owner: its tokenised examples, its privacy ledger, its personal tensors."""
+    """One data owner: its tokenised examples, its privacy ledger, its personal tensors.
+
+    `labels[i]` is example i's target as the task's loss reads it: its class (classification)
+    or where its answer starts in `token_ids[i]` (causal LM).
+    """
 
     cid: int
     token_ids: list[list[int]]
@@ -68,8 +85,9 @@ class LocalTrainer:
     timings: Timings | None = None
 
     def __init__(self, model: nn.Module, method: Method, train: TrainConfig, local_steps: int,
-                 pad_id: int, initial: State):
+                 pad_id: int, initial: State, loss: ExampleLoss = classification_loss):
         self.model = model
+        self.loss = loss  # the task's per-example loss
         self.method = method
         self.train_cfg = train
         self.local_steps = local_steps
@@ -95,6 +113,8 @@ class LocalTrainer:
                                             "from a different model; retraining it with the same "
                                             "noise would leak — it sits this round out")
         replay = seen is not None
+        if round == centering.CENTER_ROUND:
+            return self._center_query(client, download, replay, digest, seen)
         if not replay and not privacy.can_take(self.local_steps):
             return self._refuse(client, f"client {client.cid} has spent its privacy budget "
                                         f"(ε={privacy.spent():.3f} of {privacy.epsilon}); it stops")
@@ -138,6 +158,30 @@ class LocalTrainer:
             steps=client.steps,
             train_loss=float(sum(losses) / len(losses)) if losses else math.nan,
         )
+
+    def _center_query(self, client: Client, download: State, replay: bool, digest: str | None,
+                      seen: dict | None) -> ClientReply:
+        """Answer the DP feature-centring query (`fedlora.federation.centering`)."""
+        privacy = client.privacy
+        if privacy.center_rate <= 0:
+            return self._refuse(client, f"client {client.cid} was not set up for feature centring "
+                                        "(model.center differs between server and client)")
+        if not replay and not privacy.can_answer_center_query():
+            return self._refuse(client, f"client {client.cid} has spent its privacy budget "
+                                        f"(ε={privacy.spent():.3f} of {privacy.epsilon}); it stops")
+        self.handle.install(self.method.client_state(self.initial, client.personal, download,
+                                                     client.cid))
+        gen = torch.Generator().manual_seed(derive_seed(client.seed, "center", client.cid))
+        answer = centering.noisy_feature_sum(self.model, client.token_ids, privacy.center_rate,
+                                             privacy.center_noise,
+                                             self.pad_id, self.train_cfg.micro_batch_size, gen)
+        if not replay:
+            privacy.record_center_query()  # recorded before anything leaves the client
+        if client.ledger is not None and not replay:  # on disk before the answer leaves
+            client.ledger.record(centering.CENTER_ROUND, digest, privacy.accountant.state_dict())
+        return ClientReply(client=client.cid, upload=answer, num_examples=client.num_examples,
+                           epsilon=_spent_after(privacy, seen), steps=client.steps,
+                           train_loss=math.nan)
 
     def _refuse(self, client: Client, reason: str) -> ClientReply:
         return ClientReply(client.cid, {}, client.num_examples, client.privacy.spent(),
@@ -214,10 +258,7 @@ class LocalTrainer:
                 for group in length_groups(lengths, self.train_cfg.micro_batch_size)]
 
     def per_example_loss(self, client: Client, idx: list[int]) -> Tensor:
-        batch = collate(client.token_ids, idx, self.pad_id)
-        labels = torch.tensor([client.labels[i] for i in idx], dtype=torch.long)
-        logits = self.model(**batch).logits
-        return F.cross_entropy(logits, labels, reduction="none")
+        return self.loss(self.model, client.token_ids, client.labels, idx, self.pad_id)
 
 
 def _spent_after(privacy: ClientPrivacy, replayed: dict | None) -> float:

@@ -1,5 +1,6 @@
 """The round loop, written once for every runner; transports differ only in how messages travel.
 
+    once, first:     DP feature-centring query, if the plan asks for it (`centering`)
     for each round:  pick clients → download(global) → [transport: clients train] →
                      validate replies → aggregate(accepted) → evaluate → one metrics record
                      → checkpoint (every `checkpoint_every` rounds and after the last)
@@ -18,6 +19,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from fedlora.errors import FederationError
+from fedlora.federation import centering
 from fedlora.federation.client import ClientReply
 from fedlora.federation.timing import Laps, Timings
 from fedlora.federation.validate import UpdateValidator
@@ -40,6 +42,10 @@ class Transport(Protocol):
     def exchange(self, round: int, downloads: dict[int, State]) -> Exchange:
         """Send each client its download, let it train, return its reply."""
 
+    def checkpointed(self, rounds: int) -> None:
+        """A checkpoint holds the first `rounds` ≥ 1 rounds (and anything before round 1): no
+        client will be asked for them again (what it keeps to replay them may go)."""
+
 
 @dataclass
 class RoundPlan:
@@ -51,6 +57,7 @@ class RoundPlan:
     min_clients: int = 1
     checkpoint_every: int = 0  # 0 = never
     on_bad_update: str = "skip"  # or "stop"
+    center_dim: int = 0  # > 0: run the DP feature-centring query for features of this size
 
 
 class UpdateRejected(FederationError):
@@ -67,6 +74,7 @@ class FederationState:
     bytes_uploaded: int = 0
     bytes_downloaded: int = 0
     history: list[dict] = field(default_factory=list)
+    center: dict = field(default_factory=dict)  # what the centring query gave (see `centering`)
 
 
 Evaluate = Callable[[GlobalState], dict[str, float]]
@@ -86,6 +94,7 @@ def run_rounds(method: Method, state: FederationState, transport: Transport, pla
                evaluate: Evaluate, on_round: Callable[[dict], None] | None = None, *,
                validator: UpdateValidator | None = None,
                checkpoint: Checkpoint | None = None,
+               on_center: Callable[[dict], None] | None = None,
                timings: Timings | None = None) -> FederationState:
     """Run rounds `len(state.history)` … `plan.rounds − 1`, mutating and returning `state`.
 
@@ -94,6 +103,10 @@ def run_rounds(method: Method, state: FederationState, transport: Transport, pla
     exchange (the transport: local training and the wire), validate, aggregate, evaluate,
     report (the `on_round` callback), checkpoint; `rounds` counts the rounds timed.
     """
+    if plan.center_dim and not state.history and not centering.has_center(state.glob):
+        gather_center(method, state, transport, plan)
+        if on_center:
+            on_center(state.center)
     for r in range(len(state.history), plan.rounds):
         start = time.perf_counter()
         lap = Laps(timings)
@@ -142,6 +155,48 @@ def run_rounds(method: Method, state: FederationState, transport: Transport, pla
         if exhausted:  # every selected client refused: nobody has budget left
             break
     return state
+
+
+def gather_center(method: Method, state: FederationState, transport: Transport,
+                  plan: RoundPlan) -> None:
+    """The DP feature-centring query: μ from the clients' noisy feature sums, into `state.glob`.
+
+    Asked of all clients, or of a seeded sample of `clients_per_round`; answers that fail the
+    check are left out and named in `state.center`; with no usable answer μ stays 0 (logged).
+    """
+    start = time.perf_counter()
+    selected = select_clients(plan, centering.CENTER_ROUND)
+    # nothing to send: before round 1 the global model is the initial adapter, which every client
+    # builds itself from the shared seed
+    downloads = {c: {} for c in selected}
+    exchange = transport.exchange(centering.CENTER_ROUND, downloads)
+    answers, rejected = [], {}
+    for rep in exchange.replies:
+        if rep.refused is not None or rep.client not in downloads:
+            continue
+        reason = centering.check_answer(rep.upload, plan.center_dim)
+        if reason is None:
+            answers.append(rep.upload)
+        else:
+            rejected[str(rep.client)] = reason
+        if _is_epsilon(rep.epsilon):
+            state.epsilon[rep.client] = max(state.epsilon.get(rep.client, 0.0), rep.epsilon)
+    if answers:
+        center = centering.center_from(answers)
+        state.glob = centering.with_center(state.glob, center)
+    state.bytes_uploaded += exchange.bytes_uploaded
+    state.bytes_downloaded += exchange.bytes_downloaded
+    state.center = {
+        "clients": len(answers),
+        "examples": round(sum(float(a[centering.COUNT]) for a in answers), 1),
+        "norm": float(center.norm()) if answers else None,
+        "rejected": rejected,
+        "refused": {str(rep.client): rep.refused for rep in exchange.replies if rep.refused},
+        "failed": {str(c): why for c, why in exchange.failed.items()},
+        "bytes_uploaded": exchange.bytes_uploaded,
+        "bytes_downloaded": exchange.bytes_downloaded,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
 
 
 def _screen(replies: list[ClientReply], downloads: dict[int, State],

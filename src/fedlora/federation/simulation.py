@@ -37,3 +37,10 @@ class InProcessTransport:
             up += len(received) if reply.refused is None else 0
             replies.append(reply)
         return Exchange(replies, down, up)
+
+    def checkpointed(self, rounds: int) -> None:
+        """Rounds before `rounds` are checkpointed and never replayed: the clients' ledgers may
+        forget them (keeping what each has spent), so a ledger stays as small as the interval."""
+        for client in self.clients.values():
+            if client.ledger is not None:
+                client.ledger.forget_before(rounds)

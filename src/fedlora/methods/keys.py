@@ -27,6 +27,14 @@ def is_head(key: str) -> bool:
     return not is_lora_a(key) and not is_lora_b(key) and not is_base(key)
 
 
+#: the classifier's frozen feature centre μ (`fedlora.pooling.MeanPoolingClassifier`), as a base change
+CENTER = BASE + "base_model.model.feature_center"
+
+
+def is_center(key: str) -> bool:
+    return key == CENTER
+
+
 def base_key(param_name: str) -> str:
     return BASE + param_name
 

@@ -243,8 +243,8 @@ class _Probe:
       loop forever: the probe stops it after `_CALIBRATION_MAX_EVALUATIONS` evaluations.
     """
 
-    def __init__(self, kind: str, target: float):
-        self.kind, self.target = kind, target
+    def __init__(self, kind: str, target: float, prior: History = ()):
+        self.kind, self.target, self.prior = kind, target, prior
         self.calls, self.best_sigma = 0, math.inf
         self.last: tuple[float, float] | None = None  # (σ, ε) of the previous evaluation
 
@@ -253,7 +253,7 @@ class _Probe:
         if self.calls > _CALIBRATION_MAX_EVALUATIONS:
             raise _CalibrationStalled
         hist = tuple((float(s), float(q), int(n)) for s, q, n in history)
-        eps = _epsilon(self.kind, hist, delta)
+        eps = _epsilon(self.kind, self.prior + hist, delta)
         sigma = hist[0][0]
         if eps <= self.target:
             self.best_sigma = min(self.best_sigma, sigma)
@@ -279,10 +279,15 @@ register_accountant("fedlora", _ProbedAccountant, force=True)
 
 @functools.lru_cache(maxsize=256)
 def calibrate_noise(
-    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp",
+    prior: History = (),
 ) -> float:
     """The smallest noise multiplier σ (up to an ε tolerance of min(0.01, ε/200)) such that `steps`
     Poisson-subsampled Gaussian steps at `sample_rate` give ε ≤ `epsilon` at `delta`.
+
+    `prior`: `(σ, q, steps)` mechanisms the client runs before those steps (e.g. the DP feature
+    statistics of `fedlora.federation.centering`); the budget is for their composition with
+    the DP-SGD steps, so σ comes out a little larger than without them.
 
     Opacus's `get_noise_multiplier` bisects on σ; the result is then re-checked with a fresh
     `PrivacyAccountant` and σ raised by 0.1 % steps until ε ≤ epsilon (never under-reports).
@@ -303,7 +308,8 @@ def calibrate_noise(
     floor = _rdp_floor(delta) if accountant == "rdp" else min(_rdp_floor(delta), _PRV_EPS_ERROR / 2)
     if epsilon <= floor:
         raise _unreachable(epsilon, delta, sample_rate, steps)
-    probe = _Probe(accountant, epsilon)
+    prior = tuple((float(s), float(q), int(n)) for s, q, n in prior)
+    probe = _Probe(accountant, epsilon, prior)
     try:
         sigma = get_noise_multiplier(
             target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
@@ -316,7 +322,7 @@ def calibrate_noise(
         raise _unreachable(epsilon, delta, sample_rate, steps) from None
     except ValueError as e:  # "The privacy budget is too low." (σ would exceed 1e6)
         raise _unreachable(epsilon, delta, sample_rate, steps) from e
-    return _verified(float(sigma), epsilon, delta, sample_rate, steps, accountant)
+    return _verified(float(sigma), epsilon, delta, sample_rate, steps, accountant, prior)
 
 
 def _rdp_floor(delta: float) -> float:
@@ -332,11 +338,15 @@ def _unreachable(epsilon: float, delta: float, q: float, steps: int) -> ConfigEr
     )
 
 
-def _verified(sigma: float, epsilon: float, delta: float, q: float, steps: int, kind: str) -> float:
-    """Raise σ by 0.1 % steps until a fresh `PrivacyAccountant` gives ε ≤ epsilon."""
+def _verified(sigma: float, epsilon: float, delta: float, q: float, steps: int, kind: str,
+              prior: History = ()) -> float:
+    """Raise σ by 0.1 % steps until a fresh `PrivacyAccountant` (prior mechanisms, then the
+    steps) gives ε ≤ epsilon."""
     for _ in range(1000):
         if math.isfinite(sigma):
             fresh = PrivacyAccountant(kind)
+            for s, pq, n in prior:
+                fresh.step(noise_multiplier=s, sample_rate=pq, steps=n)
             fresh.step(noise_multiplier=sigma, sample_rate=q, steps=steps)
             if fresh.epsilon(delta) <= epsilon:
                 return sigma

@@ -73,8 +73,15 @@ class _Recorder:
         self.name = name
         self.activations: list[Tensor] | None = None
         self.backprops: Tensor | None = None
+        self.closed = False  # set once the forward pass is over
 
     def forward_hook(self, module: nn.Module, inputs: tuple, output) -> None:
+        if self.closed:
+            # Gradient checkpointing re-runs the forward of a checkpointed block inside the
+            # backward pass to rebuild what it did not keep. The recomputed inputs equal those
+            # recorded in the real forward, and (non-reentrant checkpointing) gradients flow
+            # through the real forward's graph, whose output hook is already in place.
+            return
         if self.activations is not None:
             raise RuntimeError(
                 f"module {self.name!r} ran more than once in one forward pass; per-example "
@@ -101,7 +108,9 @@ def per_sample_gradients(
     (so `.grad` is not touched: it stays as it was, None in a training loop) and Opacus's
     grad samplers turn each module's inputs and output gradients into per-example gradients.
     Modules that own trainable parameters must see the batch as their first dimension and
-    run at most once per forward (a second call raises `RuntimeError`).
+    run at most once per forward (a second call raises `RuntimeError`). Activations may be 3-D
+    (n, T, d): a sequence's gradient sums over its positions. Non-reentrant gradient
+    checkpointing is supported (its recomputation in the backward pass is ignored).
 
     Returns `{name: tensor of shape (n, *param.shape)}` keyed by `model.named_parameters()`
     names. A trainable parameter that did not take part in the loss gets zeros. With n = 0
@@ -116,6 +125,8 @@ def per_sample_gradients(
         for (_, module, _), rec in zip(owners, recorders):
             handles.append(module.register_forward_hook(rec.forward_hook))
         losses = per_example_loss()
+        for rec in recorders:
+            rec.closed = True
         if not isinstance(losses, Tensor) or losses.dim() != 1:
             raise ValueError("per_example_loss() must return a 1-D tensor of per-example losses")
         if losses.shape[0] > 0 and not losses.requires_grad:

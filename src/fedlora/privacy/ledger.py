@@ -50,14 +50,25 @@ class PrivacyLedger:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             self.rounds = {int(r): {"digest": str(e["digest"]), "accountant": dict(e["accountant"])}
                            for r, e in data["rounds"].items()}
+            for e in self.rounds.values():
+                _steps(e["accountant"])  # which entry is the latest depends on it
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise LedgerError(f"privacy ledger '{self.path}' is unreadable ({err}) — the client's "
                               "spent ε cannot be trusted; restore the file or start a new run") from None
 
     @property
     def latest(self) -> dict | None:
-        """The accountant state after the last round this client trained (None: never trained)."""
-        return self.rounds[max(self.rounds)]["accountant"] if self.rounds else None
+        """The accountant state after the last round this client trained (None: never trained).
+
+        That is the entry with the most steps, not the highest round: a client that missed a
+        round before a crash may, after the server resumes, train that earlier round for the
+        first time, and its entry then holds every step charged before it as well."""
+        return self.rounds[self._latest_round()]["accountant"] if self.rounds else None
+
+    def _latest_round(self) -> int | None:
+        if not self.rounds:
+            return None
+        return max(self.rounds, key=lambda r: (_steps(self.rounds[r]["accountant"]), r))
 
     def entry(self, round: int) -> dict | None:
         """`{"digest", "accountant"}` of round `round` if this client trained it."""
@@ -68,7 +79,7 @@ class PrivacyLedger:
         never be replayed), keeping the latest, which is what the client has spent. Keeps the
         ledger's size bounded by the checkpoint interval, not the run's length; the file
         follows at the next `record`."""
-        latest = max(self.rounds, default=None)
+        latest = self._latest_round()
         self.rounds = {r: e for r, e in self.rounds.items() if r >= round or r == latest}
 
     def record(self, round: int, digest: str, accountant_state: dict) -> None:
@@ -76,6 +87,15 @@ class PrivacyLedger:
         self.rounds[round] = {"digest": digest, "accountant": accountant_state}
         data = {"rounds": {str(r): e for r, e in sorted(self.rounds.items())}}
         atomic_write_bytes(self.path, json.dumps(data).encode("utf-8"))
+
+
+def _steps(accountant_state: dict) -> int:
+    """Steps an accountant state has composed (its history is `[[σ, q, steps], ...]`)."""
+    history = accountant_state.get("history")
+    if not isinstance(history, list) or not all(
+            isinstance(e, list) and len(e) == 3 and isinstance(e[2], int) for e in history):
+        raise ValueError(f"accountant history {history!r} is not [[sigma, q, steps], ...]")
+    return sum(e[2] for e in history)
 
 
 def adopt_ledger(ledger: PrivacyLedger, accountant) -> None:

@@ -16,6 +16,10 @@ class ClientPrivacy:
     q = min(1, B/n) (Poisson sampling with expected batch B out of the client's n examples);
     σ is calibrated so that `planned_steps` steps at q give ε ≤ target at δ; the accountant
     composes every step the client actually takes, over all rounds.
+
+    With feature centring (`center_rate` > 0) the client also answers, once, a Gaussian query
+    on a Poisson sample of its features at rate `center_rate` with noise multiplier
+    `center_noise`; σ is calibrated for that query composed with all the DP-SGD steps.
     """
 
     epsilon: float
@@ -25,6 +29,8 @@ class ClientPrivacy:
     noise_multiplier: float
     planned_steps: int
     accountant: PrivacyAccountant = field(repr=False)
+    center_rate: float = 0.0  # 0: no feature-centring query planned
+    center_noise: float = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -49,15 +55,34 @@ class ClientPrivacy:
         if self.enabled:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
+    def can_answer_center_query(self) -> bool:
+        if not self.enabled:
+            return True
+        after = self.accountant.epsilon_after(noise_multiplier=self.center_noise,
+                                              sample_rate=self.center_rate, steps=1,
+                                              delta=self.delta)
+        return after <= self.epsilon
+
+    def record_center_query(self) -> None:
+        if self.enabled:
+            self.accountant.step(noise_multiplier=self.center_noise, sample_rate=self.center_rate)
+
 
 def plan_client_privacy(
-    config: PrivacyConfig, num_examples: int, batch_size: int, planned_steps: int
+    config: PrivacyConfig, num_examples: int, batch_size: int, planned_steps: int,
+    center_examples: int = 0,
 ) -> ClientPrivacy:
+    """`center_examples` > 0: plan the feature-centring query too, on an expected
+    `center_examples` of the client's examples (rate min(1, m/n))."""
     q = min(1.0, batch_size / num_examples)
+    center_rate = min(1.0, center_examples / num_examples) if center_examples > 0 else 0.0
     if math.isinf(config.epsilon):
-        sigma = 0.0
+        sigma, center_noise = 0.0, 0.0
     else:
-        sigma = calibrate_noise(config.epsilon, config.delta, q, planned_steps, config.accountant)
+        center_noise = config.center_noise if center_rate > 0 else 0.0
+        prior = ((center_noise, center_rate, 1),) if center_rate > 0 else ()
+        sigma = calibrate_noise(config.epsilon, config.delta, q, planned_steps, config.accountant,
+                                prior)
     return ClientPrivacy(
         epsilon=config.epsilon,
         delta=config.delta,
@@ -66,4 +91,6 @@ def plan_client_privacy(
         noise_multiplier=sigma,
         planned_steps=planned_steps,
         accountant=PrivacyAccountant(config.accountant),
+        center_rate=center_rate,
+        center_noise=center_noise,
     )

@@ -4,6 +4,7 @@
     fedlora flower node-key PATH                a SuperNode's key pair (PATH, PATH.pub)
     fedlora flower superlink [--port 8000] [--tls DIR] [--auth]
     fedlora flower supernode --superlink H:P --port P (--partition K/N | --data-path F --client-id K)
+                             [--state-dir DIR]
     fedlora flower app DIR [--config F] [--out RUN] [section.key=value ...]
     fedlora flower connection NAME --superlink H:P [--root-certificates ca.crt]
 """
@@ -46,6 +47,8 @@ def add_parser(sub) -> None:
     node.add_argument("--client-id", type=int, help="the site's client number (with --data-path)")
     node.add_argument("--text-column")
     node.add_argument("--label-column")
+    node.add_argument("--state-dir", help="where the site keeps its privacy ledger and personal "
+                      "tensors between rounds and restarts (default: ./fedlora-state/client-K)")
     node.add_argument("--root-certificates", help="CA certificate that signed the SuperLink's")
     node.add_argument("--auth-key", help="private key from `fedlora flower node-key`")
 
@@ -79,9 +82,11 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     if cmd == "app":
         from fedlora.config import load_config
+        from fedlora.federation.flower.runconfig import check_flower_task
         from fedlora.outputs import default_out_dir
 
         config = load_config(args.config, args.overrides)
+        check_flower_task(config)
         out = args.out or default_out_dir(config.method.name, config.privacy.epsilon)
         folder = deploy.write_app(args.dir, config, out, test_path=args.test_path,
                                   round_timeout=args.round_timeout,
@@ -107,6 +112,16 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def _node_config(args: argparse.Namespace) -> dict:
+    values = _site(args)
+    cid = values.get("partition-id", values.get("client-id"))
+    # the site's ledger must outlive the SuperNode: a folder of the site's own, made absolute
+    # because the ClientApp process does not share this shell's working directory
+    state = Path(args.state_dir) if args.state_dir else Path("fedlora-state") / f"client-{cid}"
+    values["state-dir"] = str(state.absolute())
+    return values
+
+
+def _site(args: argparse.Namespace) -> dict:
     if bool(args.partition) == bool(args.data_path):
         raise ConfigError("supernode: give either --partition K/N (demo) or --data-path FILE "
                           "--client-id K (the site's own data)")

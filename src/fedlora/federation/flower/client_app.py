@@ -1,6 +1,10 @@
 """The ClientApp a SuperNode runs: answer who it is, train its own client on its own data,
 and (personalised methods) score its own model on its own held-out examples.
 
+Every message starts from the site's state on its own disk (sitestate.py: privacy ledger,
+personal tensors, steps) and a training reply leaves only once that state is written, so a
+restarted SuperNode — or a resumed server — never finds a site with a fresh ε.
+
 Every fedlora method and the DP-SGD step run unchanged: the site builds the same
 `LocalTrainer` and `Client` the simulation builds, only from its own data.
 """
@@ -15,9 +19,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
+from fedlora.errors import ConfigError  # noqa: E402
 from fedlora.federation.flower.messages import RECORD, read_train, reply_record  # noqa: E402
-from fedlora.federation.flower.runconfig import read_run_config  # noqa: E402
+from fedlora.federation.flower.runconfig import FlowerRun, read_run_config  # noqa: E402
 from fedlora.federation.flower.site import Site, client_id  # noqa: E402
+from fedlora.federation.flower.sitestate import SiteState, state_dir  # noqa: E402
 
 app = ClientApp()
 
@@ -32,15 +38,19 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Train the round the server asks for, continuing from this site's state on disk."""
     run = read_run_config(context.run_config)
     instruction = read_train(msg.content.config_records[RECORD])
-    site = Site.build(run.config, context.node_config, instruction.label_names)
-    if site.client.cid != instruction.client:
-        raise RuntimeError(f"sent to client {instruction.client}, but this site is client "
-                           f"{site.client.cid}")
-    site.restore(context.state)
-    reply = site.trainer.train(site.client, instruction.download(), instruction.round)
-    site.save(context.state)  # the accountant has recorded every step before anything leaves
+    store = open_state(context.node_config, run)  # unreadable ledger: refused before any work
+    if store.cid != instruction.client:
+        raise ConfigError(f"sent to client {instruction.client}, but this site is client {store.cid}")
+    with store.locked():
+        site = Site.build(run.config, context.node_config, instruction.label_names)
+        store.forget_before(instruction.checkpointed)
+        store.restore(site.client, instruction.round)
+        reply = site.trainer.train(site.client, instruction.download(), instruction.round)
+        if reply.refused is None:  # the ledger entry is on disk already (written in `train`)
+            store.save(instruction.round, site.client)
     content, _ = reply_record(reply, site.facts)
     return Message(RecordDict({RECORD: ConfigRecord(content)}), reply_to=msg)
 
@@ -50,9 +60,18 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Personalised methods: this client's own model, scored on its own held-out examples."""
     run = read_run_config(context.run_config)
     instruction = read_train(msg.content.config_records[RECORD])
-    site = Site.build(run.config, context.node_config, instruction.label_names)
-    site.restore(context.state)  # its personal tensors, as its last round left them
+    store = open_state(context.node_config, run)
+    with store.locked():
+        site = Site.build(run.config, context.node_config, instruction.label_names)
+        # its personal tensors as round `instruction.round` left them
+        site.client.personal, _ = store.before(instruction.round + 1)
     scores = site.evaluate(instruction.download())
     return Message(RecordDict({RECORD: ConfigRecord({
         "client": site.client.cid, "accuracy": float(scores["test_accuracy"]),
         "loss": float(scores["test_loss"])})}), reply_to=msg)
+
+
+def open_state(node_config, run: FlowerRun) -> SiteState:
+    """This site's state for this run, from its node config's `state-dir`."""
+    cid = client_id(node_config, run.config)
+    return SiteState.open(state_dir(node_config, cid), run.config, run.out, cid)

@@ -2,9 +2,10 @@
 
     fedlora flower superlink [--port 8000] [--tls DIR | --insecure] [--auth]
     fedlora flower supernode --superlink HOST:PORT --port 9101 (--partition K/N | --data-path F
-                             --client-id K) [--root-certificates ca.pem --auth-key key | --insecure]
+                             --client-id K) [--state-dir DIR]
+                             [--root-certificates ca.pem --auth-key key | --insecure]
     fedlora flower app DIR --config job.toml --out runs/x [section.key=value ...]
-    flwr run DIR <connection> --stream
+    flwr run DIR <connection> --stream [--run-config resume=true]
 
 Both commands only assemble Flower's own (`flower-superlink`, `flower-supernode`) command line
 and run it: the SuperLink never installs app dependencies (`--disable-runtime-dependency-
@@ -39,9 +40,11 @@ def flower_env(base: dict | None = None) -> dict:
 
 
 def write_app(folder: str | Path, config: Config, out: str | Path, *, test_path: str = "",
-              round_timeout: float = 600.0, connect_timeout: float = 120.0) -> Path:
+              round_timeout: float = 600.0, connect_timeout: float = 120.0,
+              resume: bool = False) -> Path:
     """An app folder for `flwr run`: a pyproject naming fedlora's ServerApp and ClientApp, with the
-    resolved fedlora config as run config. `out` is made absolute: it is on the server's machine."""
+    resolved fedlora config as run config. `out` is made absolute: it is on the server's machine.
+    `resume = false` is written either way, so `flwr run ... --run-config resume=true` can set it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     values = {
@@ -50,6 +53,7 @@ def write_app(folder: str | Path, config: Config, out: str | Path, *, test_path:
         "test-path": str(Path(test_path).absolute()) if test_path else "",
         "round-timeout": float(round_timeout),
         "connect-timeout": float(connect_timeout),
+        "resume": bool(resume),
     }
     lines = [
         "# A Flower app that runs fedlora: `flwr run <this folder> <connection> --stream`.",

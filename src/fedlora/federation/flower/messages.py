@@ -20,10 +20,11 @@ RECORD = "fedlora"
 
 @dataclass
 class TrainInstruction:
-    round: int
+    round: int  # 0-based; for an evaluation, the round whose result is scored
     client: int
     payload: bytes  # the encoded download
     label_names: list[str]
+    checkpointed: int = 0  # rounds the server has checkpointed (0: none): never asked again
 
     def download(self) -> State:
         return decode_state(self.payload)
@@ -40,13 +41,15 @@ class SiteFacts:
     label_names: list[str]
 
 
-def train_record(round: int, client: int, payload: bytes, label_names: list[str]) -> dict:
-    return {"round": round, "client": client, "download": payload, "label-names": list(label_names)}
+def train_record(round: int, client: int, payload: bytes, label_names: list[str],
+                 checkpointed: int = 0) -> dict:
+    return {"round": round, "client": client, "download": payload, "label-names": list(label_names),
+            "checkpointed": checkpointed}
 
 
 def read_train(record) -> TrainInstruction:
     return TrainInstruction(int(record["round"]), int(record["client"]), bytes(record["download"]),
-                            list(record["label-names"]))
+                            list(record["label-names"]), int(record["checkpointed"]))
 
 
 def facts_record(facts: SiteFacts) -> dict:

@@ -6,12 +6,20 @@ folder as `fedlora run`, over a `FlowerTransport`. Client training data is never
 with `test-path` the server evaluates on its own file; without it (demos) it takes the held-out
 test split of the shared demo set, exactly the examples the simulation tests on. Personalised
 methods are scored by each site on its own held-out part, as the simulation scores them.
+
+Like `fedlora run`, it checkpoints the global state and the loop's state into `out`.partial/
+every `federation.checkpoint_every` rounds; a ServerApp that dies leaves that folder, and
+`flwr run APP CONNECTION --run-config resume=true` continues from its last checkpoint. Sites
+keep their own privacy ledgers (sitestate.py), so a round asked again after the crash is
+replayed without a new charge, and ε is never under-reported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,14 +28,16 @@ from flwr.app import Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from fedlora import report  # noqa: E402
-from fedlora.api import ServerSide, execute  # noqa: E402
+from fedlora.api import ServerSide, execute, resume_config  # noqa: E402
 from fedlora.config import Config  # noqa: E402
 from fedlora.data.sources import TextDataset, load_dataset  # noqa: E402
 from fedlora.experiment import build_base, build_evaluators, load_data, split_data  # noqa: E402
+from fedlora.federation import checkpoint as ckpt  # noqa: E402
 from fedlora.federation.flower.runconfig import FlowerRun, read_run_config  # noqa: E402
 from fedlora.federation.flower.transport import FlowerTransport, personalised_evaluation  # noqa: E402
 from fedlora.methods import get_method  # noqa: E402
-from fedlora.outputs import RunFolder, default_out_dir  # noqa: E402
+from fedlora.errors import ConfigError  # noqa: E402
+from fedlora.outputs import PARTIAL, RunFolder, default_out_dir  # noqa: E402
 
 app = ServerApp()
 
@@ -85,18 +95,47 @@ def connect(grid, run: FlowerRun, say=_say) -> tuple[ServerSide, FlowerTransport
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    serve(grid, read_run_config(context.run_config))
+
+
+def serve(grid, run: FlowerRun, say=_say) -> dict:
+    """The whole run over `grid`: a new run folder, or (`resume`) the interrupted one's."""
     start = time.perf_counter()
-    run = read_run_config(context.run_config)
-    config = run.config
-    _say(report.banner(config))
-    server, transport = connect(grid, run)
-    folder = RunFolder(run.out or default_out_dir(config.method.name, config.privacy.epsilon))
+    folder, config, saved = open_folder(run)  # checked before waiting for any site
+    say(report.banner(config))
+    server, transport = connect(grid, dataclasses.replace(run, config=config), say)
     folder.open()
     try:
-        summary = execute(server, transport, folder, _say, start, transport.client_facts)
+        summary = execute(server, transport, folder, say, start, transport.client_facts,
+                          saved=saved)
         final = folder.commit()
-    except BaseException:
-        folder.abort()
+    except BaseException as err:
+        # worth resuming once any site may have trained: a resumed run replays those rounds
+        # from each site's ledger, a new run in the same folder would be refused
+        keep = folder.resuming or folder.path(ckpt.FILENAME).exists() or transport.last_round >= 0
+        folder.abort(keep)
+        if keep:
+            err.add_note(f"the run so far is kept in '{folder.partial}' — continue it with "
+                         "`flwr run <app> <connection> --run-config resume=true`")
         raise
-    _say(report.summary_table(summary))
-    _say(f"run folder: {final}")
+    summary["out"] = str(final)
+    say(report.summary_table(summary))
+    say(f"run folder: {final}")
+    return summary
+
+
+def open_folder(run: FlowerRun) -> tuple[RunFolder, Config, ckpt.Checkpoint | None]:
+    """The run folder, the config to run and the checkpoint to continue from (if any).
+
+    Resuming takes the config saved in `out`.partial/: the run config's must resolve to the
+    same one (`threads` may differ), as for `fedlora run --resume`."""
+    config = run.config
+    if not run.resume:
+        out = Path(run.out) if run.out else default_out_dir(config.method.name, config.privacy.epsilon)
+        if out.with_name(out.name + PARTIAL).is_dir():
+            raise ConfigError(f"out: an interrupted run is in '{out}{PARTIAL}' — continue it with "
+                              "`flwr run <app> <connection> --run-config resume=true`, or remove it")
+        return RunFolder(out), config, None
+    folder = RunFolder(run.out, resume=True)
+    config, saved = resume_config(folder, config, None)
+    return folder, config, saved

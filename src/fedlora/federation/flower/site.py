@@ -7,16 +7,19 @@ Node config (`flower-supernode --node-config '...'`), one of:
 * `partition-id=K num-partitions=N`: for demos, part K of the run's `data.path` split exactly
   as the in-process simulation splits it (N must equal `federation.clients`).
 
+plus, for any site, `state-dir="/abs/folder"`: where the site keeps its privacy ledger and
+personal tensors (see sitestate.py; default `$FLWR_HOME/fedlora-state/client-<k>`).
+
 Flower starts a fresh ClientApp process for every message, so a site is rebuilt each round
 (the base model and LoRA A come from the run's seed, identical everywhere) and what must
 outlive a round — the privacy accountant's history, the steps taken, personal tensors — is
-kept in the node's `Context.state`, which the SuperNode holds for the whole run. ε is therefore
-composed over every step the site ever took, exactly as one continuous accountant would.
+kept on the site's disk, read at the start of every message and written before a reply
+leaves. ε is therefore composed over every step the site ever took, exactly as one
+continuous accountant would, across restarts of the SuperNode and of the server.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -27,14 +30,13 @@ from fedlora.experiment import Base, build_base, build_client, build_trainer, lo
 from fedlora.federation.client import Client, LocalTrainer
 from fedlora.federation.evaluate import Evaluator
 from fedlora.federation.flower.messages import SiteFacts
-from fedlora.federation.wire import decode_state, encode_state
 from fedlora.methods import get_method
 from fedlora.methods.base import State
 from fedlora.seeding import derive_seed
 
-STATE = "fedlora-site"
 DEMO_KEYS = ("partition-id", "num-partitions")
 OWN_KEYS = ("data-path", "text-column", "label-column", "client-id")
+SITE_KEYS = ("state-dir",)  # either kind of site
 
 
 def client_id(node_config: Mapping[str, Any], config: Config) -> int:
@@ -54,10 +56,10 @@ def client_id(node_config: Mapping[str, Any], config: Config) -> int:
 
 
 def _check_keys(node_config: Mapping[str, Any]) -> None:
-    unknown = sorted(set(node_config) - set(DEMO_KEYS) - set(OWN_KEYS))
+    valid = DEMO_KEYS + OWN_KEYS + SITE_KEYS
+    unknown = sorted(set(node_config) - set(valid))
     if unknown:
-        raise ConfigError(f"node config: unknown keys {unknown} — valid: "
-                          f"{', '.join(DEMO_KEYS + OWN_KEYS)}")
+        raise ConfigError(f"node config: unknown keys {unknown} — valid: {', '.join(valid)}")
 
 
 @dataclass
@@ -143,27 +145,3 @@ class Site:
         p = self.client.privacy
         return SiteFacts(self.client.cid, self.client.num_examples, p.noise_multiplier,
                          p.sample_rate, self.label_names)
-
-    # ---------------------------------------------------------------- kept between rounds
-    def restore(self, state) -> None:
-        """Continue from the node's saved ledger (nothing saved: the site's first round)."""
-        if STATE not in state.config_records:
-            return
-        saved = state.config_records[STATE]
-        if int(saved["client"]) != self.client.cid:
-            raise ConfigError(f"this SuperNode served client {saved['client']} earlier in the run, "
-                              f"now its node config says {self.client.cid} — keep node configs fixed")
-        self.client.privacy.accountant.load_state_dict(json.loads(str(saved["accountant"])))
-        self.client.steps = int(saved["steps"])
-        self.client.personal = decode_state(bytes(saved["personal"]))
-
-    def save(self, state) -> None:
-        from flwr.app import ConfigRecord
-
-        state.config_records[STATE] = ConfigRecord({
-            "client": self.client.cid,
-            "accountant": json.dumps(self.client.privacy.accountant.state_dict()),
-            "steps": self.client.steps,
-            "personal": encode_state(self.client.personal),
-        })
-

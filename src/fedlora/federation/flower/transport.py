@@ -38,6 +38,8 @@ class FlowerTransport:
         self.ignored: set[int] = set()  # nodes that failed the query or duplicate a client id
         self.facts: dict[int, SiteFacts] = {}  # the latest each site said about itself
         self.steps: dict[int, int] = {}
+        self.saved_rounds = 0  # rounds the last checkpoint holds (0: none); sites may forget them
+        self.last_round = -1  # the latest round exchanged (personalised scores are of it)
 
     # ---------------------------------------------------------------- who is out there
     def connect(self, timeout: float, minimum: int) -> None:
@@ -88,10 +90,16 @@ class FlowerTransport:
             self.say(f"client {cid} is node {node}")
 
     # ---------------------------------------------------------------- one round
+    def checkpointed(self, rounds: int) -> None:
+        """The server has durably checkpointed its first `rounds` rounds; sites hear it with
+        their next instruction and drop the state they kept to replay those rounds."""
+        self.saved_rounds = rounds
+
     def exchange(self, round: int, downloads: dict[int, State]) -> Exchange:
         from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
         self.discover()
+        self.last_round = round
         failed: dict[int, str] = {}
         messages: dict[int, Message] = {}
         sent = 0
@@ -102,7 +110,8 @@ class FlowerTransport:
             payload = encode_state(state)
             sent += len(payload)
             messages[cid] = Message(
-                RecordDict({RECORD: ConfigRecord(train_record(round, cid, payload, self.label_names))}),
+                RecordDict({RECORD: ConfigRecord(train_record(round, cid, payload, self.label_names,
+                                                              self.saved_rounds))}),
                 dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN)
         answers = list(self.grid.send_and_receive(list(messages.values()), timeout=self.round_timeout))
         client_of = {m.metadata.message_id: cid for cid, m in messages.items()}
@@ -137,7 +146,8 @@ class FlowerTransport:
         from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
         messages = {cid: Message(RecordDict({RECORD: ConfigRecord(train_record(
-                        -1, cid, encode_state(state), self.label_names))}),
+                        self.last_round, cid, encode_state(state), self.label_names,
+                        self.saved_rounds))}),
                         dst_node_id=self.nodes[cid], message_type=MessageType.EVALUATE)
                     for cid, state in downloads.items() if cid in self.nodes}
         answers = list(self.grid.send_and_receive(list(messages.values()), timeout=self.round_timeout))

@@ -1,0 +1,180 @@
+"""What a site keeps on its own disk, so that a restarted SuperNode carries on where it stopped.
+
+Flower starts a new ClientApp process for every message, and a SuperNode that is restarted —
+or a server that is restarted, which makes a new Flower run — forgets everything it held in
+memory. A site's privacy ledger must not be forgotten with it: starting again from ε = 0
+would under-report what the site has released. So a site keeps, in its state folder
+(node config `state-dir`), one folder per fedlora run:
+
+    <state-dir>/run-<key>/
+        site.json               which run (config digest, server's run folder) and client
+        ledger.json             the privacy ledger (`fedlora.privacy.ledger`): per round trained,
+                                the digest of what the site started from, and its accountant
+                                after the round — written before the upload leaves
+        round-<r>.safetensors   the site's personal tensors after round r (steps in metadata)
+        .lock                   one ClientApp process at a time
+
+`key` hashes the run's config (threads aside) and the server's run folder: a resumed run
+(same folder, same config) finds its ledger again; a new run starts a new one, as a new
+`fedlora run` does. Every file is written atomically; anything unreadable is refused with
+one message rather than trained past.
+
+Why keep the personal tensors of each round rather than the last: a server resumed from its
+checkpoint after round c asks for round c + 1 again. To replay it — and be charged nothing,
+see the ledger — the site must start from exactly what it started from the first time,
+its state after its last round ≤ c. The server says with every instruction which rounds it
+has checkpointed; older snapshots and ledger entries are dropped then (the ledger keeps the
+spent ε), so the folder stays as small as the checkpoint interval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from safetensors.torch import load, save
+
+from fedlora.config import Config
+from fedlora.errors import ConfigError
+from fedlora.federation.checkpoint import _metadata, _short, config_digest
+from fedlora.federation.client import Client
+from fedlora.federation.wire import state_digest
+from fedlora.fsutil import atomic_write_bytes
+from fedlora.methods.base import State
+from fedlora.privacy.ledger import LedgerError, PrivacyLedger, adopt_ledger
+
+SNAPSHOT = re.compile(r"round-(-?\d+)\.safetensors")  # round -1: a query before round 0
+
+
+def state_dir(node_config: Mapping[str, Any], cid: int) -> Path:
+    """The node's `state-dir`; without one, `$FLWR_HOME/fedlora-state/client-<cid>` (FLWR_HOME
+    defaults to ~/.flwr, the folder Flower itself keeps on the site's machine)."""
+    value = node_config.get("state-dir")
+    if value is None:
+        home = os.environ.get("FLWR_HOME") or str(Path.home() / ".flwr")
+        return Path(home) / "fedlora-state" / f"client-{cid}"
+    if not isinstance(value, str) or not Path(value).expanduser().is_absolute():
+        raise ConfigError(f"node config: state-dir={value!r} must be an absolute folder path, "
+                          "e.g. state-dir=\"/var/lib/fedlora/site0\" — the site keeps its privacy "
+                          "ledger there")
+    return Path(value).expanduser()
+
+
+def run_key(config: Config, out: str) -> str:
+    """What names a run on every site: its config (threads aside) and the server's run folder."""
+    return hashlib.sha256(f"{config_digest(config)}\n{out}".encode()).hexdigest()[:16]
+
+
+class SiteState:
+    """One site's state for one run (see the module docstring for the layout)."""
+
+    def __init__(self, folder: Path, cid: int):
+        self.folder = folder
+        self.cid = cid
+        self.ledger = PrivacyLedger(folder / "ledger.json")  # unreadable: LedgerError
+
+    @classmethod
+    def open(cls, root: Path, config: Config, out: str, cid: int) -> "SiteState":
+        """The state of client `cid` in the run (`config`, `out`), created on first use."""
+        folder = root / f"run-{run_key(config, out)}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"node config: state-dir '{root}' cannot be created ({err}) — give "
+                              "the site a folder it can write") from None
+        about = folder / "site.json"
+        meta = {"client": cid, "config": config_digest(config), "out": out}
+        if about.exists():
+            try:
+                saved = json.loads(about.read_text(encoding="utf-8"))
+                client = int(saved["client"])
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise LedgerError(f"site state '{about}' is unreadable ({err}) — the site's spent "
+                                  "ε cannot be trusted; restore the folder or start a new run") from None
+            if client != cid:
+                raise ConfigError(f"this site served client {client} earlier in the run (state in "
+                                  f"'{folder}'), now its node config says {cid} — keep node "
+                                  "configs fixed for a run")
+        else:
+            atomic_write_bytes(about, json.dumps(meta, indent=2).encode("utf-8"))
+        return cls(folder, cid)
+
+    @contextmanager
+    def locked(self) -> Iterator["SiteState"]:
+        """Hold the site's lock: a ClientApp still finishing a message of a crashed server's run
+        and one serving the resumed run must not both charge the same round."""
+        import fcntl
+
+        with open(self.folder / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                for torn in self.folder.glob(".*.tmp-*"):  # half-written by a killed process
+                    torn.unlink(missing_ok=True)
+                self.ledger = PrivacyLedger(self.ledger.path)  # as the last holder left it
+                yield self
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # ---------------------------------------------------------------- rounds
+    def restore(self, client: Client, round: int) -> None:
+        """Set up `client` to train (0-based) round `round`: its accountant is what its ledger
+        says it has spent (over every round, replayed ones included), its personal tensors and
+        steps are as its last round before `round` left them."""
+        adopt_ledger(self.ledger, client.privacy.accountant)
+        client.ledger = self.ledger
+        client.personal, client.steps = self.before(round)
+
+    def before(self, round: int) -> tuple[State, int]:
+        """(personal tensors, steps) after the site's last round < `round`; ({}, 0) if none."""
+        done = [r for r in self._snapshots() if r < round]
+        return self._read(max(done)) if done else ({}, 0)
+
+    def save(self, round: int, client: Client) -> None:
+        """Keep `client`'s personal tensors and steps after `round` (after the ledger entry)."""
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in client.personal.items()}
+        meta = {"client": str(client.cid), "round": str(round), "steps": str(client.steps),
+                "digest": state_digest(tensors)}
+        atomic_write_bytes(self._path(round), save(tensors, metadata=meta))
+
+    def forget_before(self, round: int) -> None:
+        """The server has checkpointed rounds < `round`: it will never ask for them again. Keep
+        the last snapshot before `round` (the start of the next) and the spent ε. `round` 0
+        means no checkpoint yet: even a query before round 1 (round -1) may come again."""
+        if round <= 0:
+            return
+        done = self._snapshots()
+        keep = max((r for r in done if r < round), default=None)
+        for r in done:
+            if r < round and r != keep:
+                self._path(r).unlink(missing_ok=True)
+        self.ledger.forget_before(round)
+
+    # ---------------------------------------------------------------- files
+    def _path(self, round: int) -> Path:
+        return self.folder / f"round-{round}.safetensors"
+
+    def _snapshots(self) -> list[int]:
+        return sorted(int(m.group(1)) for p in self.folder.iterdir()
+                      if (m := SNAPSHOT.fullmatch(p.name)))
+
+    def _read(self, round: int) -> tuple[State, int]:
+        path = self._path(round)
+        try:
+            raw = path.read_bytes()
+            tensors = dict(load(raw))
+            meta = _metadata(raw)
+            steps = int(meta["steps"])
+            if (int(meta["client"]), int(meta["round"])) != (self.cid, round):
+                raise ValueError(f"it holds client {meta['client']}'s round {meta['round']}")
+            if meta["digest"] != state_digest(tensors):
+                raise ValueError("its tensors do not match their checksum")
+        except Exception as err:  # noqa: BLE001 — any failure to parse means the file is damaged
+            raise LedgerError(f"site state '{path}' is unreadable ({_short(err)}) — the site "
+                              "cannot start its next round from it; restore the folder or start "
+                              "a new run") from None
+        return tensors, steps

@@ -1,0 +1,211 @@
+"""The report's figures: matplotlib `Figure` objects (no pyplot, so no global state or display).
+
+Every figure has a title saying what was run, labelled axes with units, and a legend; a point
+is the mean over seeds and its bar or band ± one sample standard deviation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from fedlora.study.table import SPLIT, Row, Table, label, mean_std, name, show, split_order
+
+SIZE = (8.0, 5.0)   # inches; at DPI below, 880 × 550 pixels
+DPI = 110
+ACCURACY = "test accuracy (fraction of test examples)"
+EPSILON = "privacy.epsilon"
+
+
+def figure(suptitle: str, panels: int = 1) -> tuple[Figure, list]:
+    width = SIZE[0] if panels == 1 else min(4.2 * panels, 17.0)
+    fig = Figure(figsize=(width, SIZE[1]), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, panels, sharey=True, squeeze=False)[0].tolist()
+    fig.suptitle(suptitle, fontsize=10)
+    return fig, axes
+
+
+def _colors(labels: list[str]) -> dict[str, Any]:
+    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {lab: cmap(i % cmap.N) for i, lab in enumerate(dict.fromkeys(labels))}
+
+
+def _series(table: Table, without: list[str]) -> tuple[list[str], dict[str, list[Row]]]:
+    """Rows grouped into lines: one per value of the varied keys other than `without`."""
+    keys = [k for k in table.factors if k not in without]
+    lines: dict[str, list[Row]] = {}
+    for row in table.rows:
+        lines.setdefault(label(row.setting, keys), []).append(row)
+    return keys, lines
+
+
+def _majority(table: Table, ax) -> None:
+    values = [r.summary.get("majority_accuracy") for row in table.rows for r in row.runs]
+    values = [v for v in values if v is not None]
+    if values:
+        ax.axhline(sum(values) / len(values), color="grey", linestyle=":", linewidth=1,
+                   label="always the majority class")
+
+
+def _seeds(table: Table) -> str:
+    n = len(table.seeds)
+    return f"mean ± std over {n} seeds" if n > 1 else "one seed (no spread)"
+
+
+def accuracy_per_round(table: Table, suptitle: str) -> Figure:
+    """Test accuracy after each round; one panel per ε when ε varies."""
+    panel_key = EPSILON if table.has(EPSILON) else None
+    panel_values = sorted({row.setting[panel_key] for row in table.rows}) if panel_key else [None]
+    fig, axes = figure(suptitle, len(panel_values))
+    _, lines = _series(table, [panel_key] if panel_key else [])
+    colors = _colors(list(lines))
+    for ax, value in zip(axes, panel_values):
+        for lab, rows in lines.items():
+            for row in rows:
+                if panel_key and row.setting[panel_key] != value:
+                    continue
+                curve = row.mean_curve()
+                x = [c[0] for c in curve]
+                mean = [c[1] for c in curve]
+                ax.plot(x, mean, marker="o", markersize=3, color=colors[lab], label=lab)
+                if len(row.runs) > 1:
+                    lo = [m - (0 if math.isnan(s) else s) for _, m, s, _ in curve]
+                    hi = [m + (0 if math.isnan(s) else s) for _, m, s, _ in curve]
+                    ax.fill_between(x, lo, hi, color=colors[lab], alpha=0.18, linewidth=0)
+        _majority(table, ax)
+        ax.set_xlabel("round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(f"ε = {show(value)}" if panel_key else f"test accuracy per round ({_seeds(table)})",
+                     fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ACCURACY)
+    axes[0].legend(fontsize=7, loc="best")
+    if panel_key:
+        fig.supxlabel(f"test accuracy after each round ({_seeds(table)}; band: ± std)", fontsize=9)
+    return fig
+
+
+def accuracy_versus(table: Table, key: str, suptitle: str) -> Figure:
+    """Final test accuracy against the values of one varied key, one line per other setting."""
+    fig, (ax,) = figure(suptitle)
+    _, lines = _series(table, [key])
+    colors = _colors(list(lines))
+    values = sorted({row.setting[key] for row in table.rows}, key=_sortable)
+    categorical = key == EPSILON or not all(isinstance(v, (int, float)) for v in values)
+    position = {v: i for i, v in enumerate(values)} if categorical else {v: v for v in values}
+    logx = not categorical and min(values) > 0 and max(values) / min(values) >= 10
+    for i, (lab, rows) in enumerate(lines.items()):
+        rows = sorted(rows, key=lambda r: _sortable(r.setting[key]))
+        stats = [mean_std(r.values(lambda run: run.summary.get("test_accuracy"))) for r in rows]
+        # a small sideways shift per line, so equal points and their error bars stay visible
+        shift = (i - (len(lines) - 1) / 2) * 0.04
+        xs = [_dodge(position[r.setting[key]], shift, categorical, logx) for r in rows]
+        ax.errorbar(xs, [m for m, _ in stats],
+                    yerr=[0 if math.isnan(s) else s for _, s in stats], marker="o", capsize=4,
+                    color=colors[lab], label=lab)
+    _majority(table, ax)
+    if categorical:
+        ax.set_xticks(range(len(values)), [_tick(key, v) for v in values])
+    elif logx:
+        ax.set_xscale("log", base=2 if key == "method.alpha" else 10)
+        ax.set_xticks(values, [show(v) for v in values])
+        ax.minorticks_off()
+    ax.set_xlabel(_axis_label(key, table))
+    ax.set_ylabel(ACCURACY)
+    ax.set_title(f"final test accuracy against {name(key)} ({_seeds(table)})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def accuracy_by_split(table: Table, suptitle: str) -> Figure:
+    """Final test accuracy per data split (least to most heterogeneous), bars per other setting."""
+    fig, (ax,) = figure(suptitle)
+    _, lines = _series(table, [SPLIT])
+    colors = _colors(list(lines))
+    order: dict[str, tuple] = {}
+    for row in table.rows:
+        order[row.setting[SPLIT]] = split_order(row.runs[0].flat)
+    splits = sorted(order, key=order.get)
+    width = 0.8 / max(1, len(lines))
+    for i, (lab, rows) in enumerate(lines.items()):
+        by_split = {r.setting[SPLIT]: r for r in rows}
+        xs, means, errs = [], [], []
+        for j, split in enumerate(splits):
+            if split in by_split:
+                m, s = by_split[split].stat(lambda run: run.summary.get("test_accuracy"))
+                xs.append(j - 0.4 + width * (i + 0.5))
+                means.append(m)
+                errs.append(0 if math.isnan(s) else s)
+        ax.bar(xs, means, width=width * 0.95, yerr=errs, capsize=3, color=colors[lab], label=lab)
+    _majority(table, ax)
+    ax.set_xticks(range(len(splits)), splits)
+    ax.set_xlabel("how the training data is split across clients (more heterogeneous →)")
+    ax.set_ylabel(ACCURACY)
+    ax.set_title(f"final test accuracy per data split ({_seeds(table)})", fontsize=9)
+    lows = [m for row in table.rows for m in [row.stat(lambda r: r.summary.get("test_accuracy"))[0]]]
+    ax.set_ylim(max(0.0, min(lows) - 0.1), min(1.0, max(lows) + 0.1))
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def accuracy_versus_bytes(table: Table, suptitle: str, target: float) -> Figure:
+    """Test accuracy against the bytes sent so far (up + down, all clients): the price of accuracy."""
+    fig, (ax,) = figure(suptitle)
+    labels = [label(row.setting, table.factors) for row in table.rows]
+    colors = _colors(labels)
+    for lab, row in zip(labels, table.rows):
+        curve = row.mean_curve()
+        ax.plot([c[3] / 1e6 for c in curve], [c[1] for c in curve], marker="o", markersize=3,
+                color=colors[lab], label=lab)
+    if not math.isnan(target):
+        ax.axhline(target, color="black", linestyle="--", linewidth=1,
+                   label=f"target accuracy {target:.3f}")
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda x, _: f"{x:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.set_xlabel("MB sent so far, uploads + downloads of all clients (log scale)")
+    ax.set_ylabel(ACCURACY)
+    n = len(table.seeds)
+    ax.set_title(f"test accuracy against communication (mean over {n} seed{'s' if n != 1 else ''})",
+                 fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def _dodge(x: float, shift: float, categorical: bool, logx: bool) -> float:
+    if categorical:
+        return x + shift
+    return x * 2 ** shift if logx else x  # a linear number axis keeps exact positions
+
+
+def _sortable(v: Any) -> tuple:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (0, float(v), "")
+    return (1, 0.0, str(v))
+
+
+def _tick(key: str, v: Any) -> str:
+    if key == EPSILON and isinstance(v, float) and math.isinf(v):
+        return "∞\n(no DP)"
+    return show(v)
+
+
+def _axis_label(key: str, table: Table) -> str:
+    if key == EPSILON:
+        delta = table.fixed.get("privacy.delta")
+        return (f"privacy budget ε per client over the whole run (δ = {delta:g}; "
+                "smaller = more private)" if delta is not None else "privacy budget ε per client")
+    if key == "method.alpha":
+        r = table.fixed.get("method.rank")
+        return f"LoRA scaling α (update = α/r · B·A{f', r = {r}' if r else ''}; log scale)"
+    if key == "train.lr":
+        return "learning rate of the local optimizer"
+    return key

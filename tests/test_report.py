@@ -1,0 +1,231 @@
+"""`fedlora report` on synthetic run folders whose numbers are known: means and standard
+deviations computed by hand, bytes to a target accuracy, the figures' contents and files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+
+from fedlora.cli import main
+from fedlora.config import config_to_toml, load_config
+from fedlora.study import plots
+from fedlora.study.report import build, describe, write_report
+from fedlora.study.runs import ReportError, find_runs
+from fedlora.study.table import SPLIT, bytes_to_target, default_target, group
+
+# (method, ε) → per seed: test accuracy after rounds 1, 2, 3 (the last is the final accuracy)
+CURVES = {
+    ("lora", 3.0): {0: [0.50, 0.50, 0.50], 1: [0.55, 0.60, 0.60], 2: [0.65, 0.70, 0.70]},
+    ("ffa", 3.0): {0: [0.62, 0.62, 0.62], 1: [0.64, 0.64, 0.64], 2: [0.66, 0.66, 0.66]},
+    ("lora", math.inf): {0: [0.70, 0.80, 0.80], 1: [0.70, 0.80, 0.80], 2: [0.70, 0.80, 0.83]},
+    ("ffa", math.inf): {0: [0.70, 0.75, 0.78], 1: [0.70, 0.72, 0.74]},
+}
+BYTES = {"lora": (100, 50), "ffa": (50, 50)}   # per round: uploaded, downloaded
+
+
+def write_run(folder: Path, overrides: list[str], accuracies: list[float], up: int = 100,
+              down: int = 50, validation: float | None = None) -> Path:
+    """A run folder as `fedlora run` writes it (config.toml, metrics.jsonl, summary.json)."""
+    config = load_config(None, overrides)
+    folder.mkdir(parents=True)
+    (folder / "config.toml").write_text(config_to_toml(config))
+    eps = "inf" if math.isinf(config.privacy.epsilon) else config.privacy.epsilon
+    records = [{"round": r + 1, "test_accuracy": a, "test_loss": 0.7, "epsilon": eps,
+                "bytes_uploaded": up, "bytes_downloaded": down, "seconds": 1.0,
+                **({"validation_accuracy": validation} if validation is not None else {})}
+               for r, a in enumerate(accuracies)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
+    summary = {"method": config.method.name, "test_accuracy": accuracies[-1],
+               "validation_accuracy": validation, "majority_accuracy": 0.5, "epsilon": eps,
+               "bytes_uploaded": up * len(accuracies), "bytes_downloaded": down * len(accuracies),
+               "wall_seconds": 120.0, "rounds": len(accuracies)}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+@pytest.fixture
+def study(tmp_path) -> Path:
+    out = tmp_path / "study"
+    for (method, eps), seeds in CURVES.items():
+        for seed, accs in seeds.items():
+            up, down = BYTES[method]
+            write_run(out / f"{method}-{eps}-{seed}",
+                      [f"method.name={method}", f"privacy.epsilon={eps}", f"seed={seed}"],
+                      accs, up, down)
+    (out / "ffa-3.0-9.partial").mkdir()  # an unfinished run is never counted
+    return out
+
+
+def rows_by(table, key=lambda s: (s["method.name"], s["privacy.epsilon"])):
+    return {key(r.setting): r for r in table.rows}
+
+
+def test_mean_and_std_over_seeds_by_hand(study):
+    table = group(find_runs([study]))
+    assert table.keys == ["method.name", "privacy.epsilon"] and table.seeds == [0, 1, 2]
+    rows = rows_by(table)
+    acc = lambda r: r.summary["test_accuracy"]  # noqa: E731
+    # hand-computed: mean, and sqrt(Σ(x − mean)² / (n − 1))
+    expected = {("lora", 3.0): (0.60, 0.10), ("ffa", 3.0): (0.64, 0.02),
+                ("lora", math.inf): (0.81, math.sqrt(0.0006 / 2)),
+                ("ffa", math.inf): (0.76, math.sqrt(0.0008 / 1))}
+    for setting, (mean, std) in expected.items():
+        m, s = rows[setting].stat(acc)
+        assert (m, s) == (pytest.approx(mean), pytest.approx(std)), setting
+    assert len(rows[("ffa", math.inf)].runs) == 2
+    # rows in order: method, then ε ascending with ∞ last
+    assert [tuple(r.setting.values()) for r in table.rows] == [
+        ("ffa", 3.0), ("ffa", math.inf), ("lora", 3.0), ("lora", math.inf)]
+
+
+def test_csv_and_markdown_carry_the_same_numbers(study):
+    files = build([study], target=0.6)
+    rows = {(r["method.name"], r["privacy.epsilon"]): r
+            for r in csv.DictReader(io.StringIO(files["results.csv"]))}
+    lora = rows[("lora", "3")]
+    assert int(lora["runs"]) == 3
+    assert float(lora["test_accuracy_mean"]) == pytest.approx(0.6)
+    assert float(lora["test_accuracy_std"]) == pytest.approx(0.1)
+    assert float(lora["bytes_uploaded_mean"]) == 300 and float(lora["epsilon_spent_mean"]) == 3
+    assert float(rows[("ffa", "∞")]["test_accuracy_std"]) == pytest.approx(math.sqrt(0.0008))
+    assert rows[("ffa", "∞")]["epsilon_spent_mean"] == "inf"
+    assert rows[("ffa", "∞")]["validation_accuracy_mean"] == ""  # not measured: empty, not 0
+    md = files["results.md"]
+    assert "| lora | 3 | 3 | 0.600 ± 0.100 | 3.00 |" in md
+    assert "| ffa | ∞ | 2 | 0.760 ± 0.028 | ∞ (no DP) |" in md
+    assert "validation accuracy" not in md
+
+
+def test_bytes_to_reach_a_target_by_hand(study):
+    table = group(find_runs([study]))
+    rows = rows_by(table)
+    # lora, ε=3, target 0.6: seed 0 never; seed 1 at round 2 (2 × 150 B); seed 2 at round 1 (150 B)
+    reached, n = bytes_to_target(rows[("lora", 3.0)], 0.6)
+    assert (sorted(reached), n) == ([150.0, 300.0], 3)
+    assert bytes_to_target(rows[("ffa", 3.0)], 0.6) == ([100.0] * 3, 3)
+    comm = {(r["method.name"], r["privacy.epsilon"]): r
+            for r in csv.DictReader(io.StringIO(build([study], target=0.6)["communication.csv"]))}
+    assert comm[("lora", "3")]["runs_reached"] == "2"
+    assert float(comm[("lora", "3")]["bytes_to_target_mean"]) == 225
+    assert float(comm[("lora", "3")]["bytes_to_target_std"]) == pytest.approx(math.sqrt(2 * 75 ** 2))
+    assert float(comm[("lora", "3")]["rounds_to_target_mean"]) == 1.5
+    # default target: the highest accuracy every setting's mean curve reaches — lora at ε=3
+    # peaks at mean(0.5, 0.6, 0.7) = 0.6, below every other setting's peak
+    assert default_target(table) == pytest.approx(0.6)
+
+
+def test_figures_show_the_numbers_with_labels(study):
+    table = group(find_runs([study]))
+    title = "\n".join(describe(table))
+    assert "method ∈ {ffa, lora} × ε ∈ {3, ∞}" in title and "3 seeds" in title
+    fig = plots.accuracy_versus(table, "privacy.epsilon", title)
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("privacy budget ε") and "δ = 1e-05" in ax.get_xlabel()
+    assert ax.get_ylabel() == plots.ACCURACY and ax.get_title() and fig._suptitle.get_text() == title
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["3", "∞\n(no DP)"]
+    lines = {c.get_label(): c.lines[0].get_ydata() for c in ax.containers}
+    assert list(lines["ffa"]) == pytest.approx([0.64, 0.76])
+    assert list(lines["lora"]) == pytest.approx([0.60, 0.81])
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"ffa", "lora", "always the majority class"} <= set(legend)
+
+    fig = plots.accuracy_per_round(table, title)
+    assert [a.get_title() for a in fig.axes] == ["ε = 3", "ε = ∞"]
+    assert all(a.get_xlabel() == "round" for a in fig.axes) and fig.axes[0].get_ylabel()
+    lora3 = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "lora"][0]
+    assert list(lora3.get_xdata()) == [1, 2, 3]
+    assert list(lora3.get_ydata()) == pytest.approx([(0.5 + 0.55 + 0.65) / 3, 0.6, 0.6])
+    assert len(fig.axes[0].collections) == 2  # a band over seeds per line
+
+    fig = plots.accuracy_versus_bytes(table, title, 0.6)
+    ffa3 = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "ffa · ε=3"][0]
+    assert list(ffa3.get_xdata()) == pytest.approx([1e-4, 2e-4, 3e-4])  # MB so far, up + down
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_report_files_are_written(study, tmp_path, capsys):
+    assert main(["report", str(study), "--out", str(tmp_path / "rep"), "--target", "0.6"]) == 0
+    out = tmp_path / "rep"
+    assert {p.name for p in out.iterdir()} == {
+        "results.csv", "results.md", "communication.csv", "report.md", "accuracy_per_round.png",
+        "accuracy_vs_epsilon.png", "accuracy_vs_bytes.png"}
+    w, h = plots.SIZE
+    assert png_size(out / "accuracy_vs_epsilon.png") == (int(w * plots.DPI), int(h * plots.DPI))
+    assert png_size(out / "accuracy_per_round.png")[0] > png_size(out / "accuracy_vs_bytes.png")[0]
+    md = (out / "report.md").read_text()
+    assert md.startswith("# method ∈ {ffa, lora} × ε ∈ {3, ∞}")
+    assert "11 complete run folders" in md and "0.4 hours of run time" in md  # 11 × 120 s
+    assert "![accuracy vs epsilon](accuracy_vs_epsilon.png)" in md
+    assert "test accuracy ≥ 0.600" in md and "| lora | 3 | 2/3 | 0.00 ± 0.00 | 1.5 |" in md
+    assert "0.600 ± 0.100" in capsys.readouterr().out
+
+
+def test_data_split_and_alpha_figures(tmp_path):
+    base = ["method.name=ffa"]
+    splits = [("iid", 0.5, 0.80), ("dirichlet", 1.0, 0.75), ("dirichlet", 0.1, 0.60),
+              ("group", 0.5, 0.70)]
+    for partition, alpha, acc in splits:
+        write_run(tmp_path / "s" / f"{partition}{alpha}",
+                  base + [f"data.partition={partition}", f"data.dirichlet_alpha={alpha}"], [acc])
+    table = group(find_runs([tmp_path / "s"]))
+    assert table.keys == [SPLIT]
+    assert [r.setting[SPLIT] for r in table.rows] == [
+        "IID", "Dirichlet(1)", "Dirichlet(0.1)", "by movie_name"]
+    files = build([tmp_path / "s"])
+    assert "accuracy_by_split.png" in files and "accuracy_vs_dirichlet_alpha.png" not in files
+    fig = plots.accuracy_by_split(table, "t")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [r.setting[SPLIT] for r in table.rows]
+    assert [p.get_height() for p in ax.patches] == pytest.approx([0.80, 0.75, 0.60, 0.70])
+
+    for alpha, acc in [(1, 0.6), (16, 0.7), (256, 0.65)]:
+        write_run(tmp_path / "a" / f"a{alpha}", base + [f"method.alpha={alpha}"], [acc])
+    table = group(find_runs([tmp_path / "a"]))
+    fig = plots.accuracy_versus(table, "method.alpha", "t")
+    assert fig.axes[0].get_xscale() == "log" and "α/r" in fig.axes[0].get_xlabel()
+
+
+def test_report_refuses_what_it_cannot_read(tmp_path, study):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ReportError, match="no complete run folders"):
+        find_runs([empty])
+    with pytest.raises(ReportError, match="unfinished run"):
+        find_runs([study / "ffa-3.0-9.partial"])
+    twin = tmp_path / "twin"
+    write_run(twin / "x", ["method.name=lora", "privacy.epsilon=3", "seed=0"], [0.5])
+    with pytest.raises(ReportError, match="same setting with the same seed"):
+        group(find_runs([study, twin]))
+    with pytest.raises(ReportError, match="--out"):
+        write_report([study, twin])
+    assert not (study / "report").exists()
+
+
+def test_a_key_set_per_method_is_a_column_not_a_factor(tmp_path):
+    """Learning rates chosen per method vary, but are not crossed with anything: no plot
+    against them, no '× lr ∈ {…}' in the title, no lr in the legend."""
+    for method, lr in [("lora", 0.001), ("ffa", 0.01)]:
+        for eps in (3.0, math.inf):
+            write_run(tmp_path / "r" / f"{method}{eps}",
+                      [f"method.name={method}", f"train.lr={lr}", f"privacy.epsilon={eps}"], [0.6])
+    table = group(find_runs([tmp_path / "r"]))
+    assert table.keys == ["method.name", "train.lr", "privacy.epsilon"]
+    assert table.factors == ["method.name", "privacy.epsilon"]
+    files = build([tmp_path / "r"])
+    assert "accuracy_vs_lr.png" not in files and "accuracy_vs_epsilon.png" in files
+    assert "| lora | 0.001 | 3 | 1 |" in files["results.md"]
+    line1, _ = describe(table)
+    assert line1.startswith("method ∈ {ffa, lora} × ε ∈ {3, ∞}, lr per setting (in the table)")
+    fig = plots.accuracy_versus(table, "privacy.epsilon", "t")
+    assert sorted(c.get_label() for c in fig.axes[0].containers) == ["ffa", "lora"]
