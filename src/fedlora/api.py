@@ -18,11 +18,11 @@ from fedlora.experiment import Experiment, build_experiment, majority_accuracy, 
 from fedlora.federation import checkpoint as ckpt
 from fedlora.federation.centering import centering_enabled, fold_center
 from fedlora.federation.client import Client
-from fedlora.federation.server import FederationState, RoundPlan, Transport, run_rounds
+from fedlora.federation.server import Evaluate, FederationState, RoundPlan, Transport, run_rounds
 from fedlora.federation.simulation import InProcessTransport
 from fedlora.federation.validate import UpdateValidator, template_state
 from fedlora.methods import keys
-from fedlora.methods.base import GlobalState, Method, State
+from fedlora.methods.base import Method, State
 from fedlora.model import AdapterHandle, count_parameters, save_base_delta
 from fedlora.outputs import RunFolder, default_out_dir
 from fedlora.privacy.ledger import PrivacyLedger, adopt_ledger
@@ -148,7 +148,7 @@ class ServerSide:
     method: Method
     handle: AdapterHandle
     initial: State
-    evaluate: Callable[[GlobalState], dict[str, float]]
+    evaluate: Evaluate  # evaluate(glob, full=True): see `fedlora.federation.server.Evaluate`
     majority_accuracy: float | None = None
     task: Task | None = None  # for the task's own exports (a causal LM's merged model)
     tokenizer: object = None
@@ -233,7 +233,7 @@ def _initial_scores(server: ServerSide, state: FederationState, folder: RunFolde
         return json.loads(path.read_text(encoding="utf-8"))
     if state.history:  # resumed past round 1 without them: the starting model is gone
         return None
-    scores = server.evaluate(state.glob)
+    scores = server.evaluate(state.glob, full=True)  # reported beside the final (whole-set) score
     folder.write_json("initial_scores.json", scores)
     say(report.initial_line(scores, server.config))
     return scores
@@ -281,6 +281,7 @@ def export_adapter(server: ServerSide, state: FederationState, path: Path,
 def build_summary(server: ServerSide, state: FederationState, facts: list[dict],
                   seconds: float) -> dict[str, Any]:
     config, last = server.config, (state.history[-1] if state.history else {})
+    # the last evaluated round is the last round, scored on the whole held-out set (run_rounds)
     evaluated = [h for h in state.history if h.get("test_accuracy") is not None]
     final = evaluated[-1] if evaluated else {}
     shapes = server.handle.shapes()

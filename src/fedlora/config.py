@@ -86,6 +86,11 @@ class FederationConfig:
     local_steps: int = _f(4, "DP-SGD steps each client takes per round")
     clients_per_round: int = _f(0, "clients sampled each round (0 = all)")
     eval_every: int = _f(1, "evaluate the global model every k rounds (and always after the last)")
+    eval_examples: int = _f(
+        512, "rounds before the last evaluate on a fixed stratified random subset of this many "
+        "held-out examples, drawn from the run's seed (per test/validation set; personalised "
+        "models: an equal share per client); 0 = the whole set. The last round, and so every "
+        "score in the summary, always uses the whole set")
     min_clients: int = _f(
         1, "a round goes on with the sites that answered if at least this many did (Flower: a "
            "site that fails or disconnects is logged and skipped); fewer stops the run"
@@ -322,6 +327,8 @@ def validate(config: Config) -> None:
     _check(0 <= f.clients_per_round <= f.clients,
            f"federation.clients_per_round must be in [0, {f.clients}] (0 = all clients)")
     _check(f.eval_every >= 1, "federation.eval_every must be ≥ 1")
+    _check(f.eval_examples >= 0, f"federation.eval_examples must be ≥ 0, got {f.eval_examples} — "
+           "e.g. 512 (a fixed subset before the last round) or 0 (always the whole set)")
     per_round = f.clients_per_round or f.clients
     _check(1 <= f.min_clients <= per_round,
            f"federation.min_clients must be in [1, {per_round}] (the clients asked each round)")

@@ -18,7 +18,8 @@ from fedlora.data.sources import TextDataset, split_holdout
 from fedlora.errors import DataError
 from fedlora.federation.centering import centering_enabled
 from fedlora.federation.client import Client, LocalTrainer
-from fedlora.federation.evaluate import Evaluator, PersonalisedEvaluation
+from fedlora.federation.evaluate import (Evaluator, PersonalisedEvaluation, Subsampled,
+                                        personal_share, stratified_subset)
 from fedlora.methods import get_method
 from fedlora.methods.base import Method, State
 from fedlora.model import (AdapterHandle, attach_lora, enable_gradient_checkpointing, load_tokenizer,
@@ -54,11 +55,16 @@ class Experiment:
     task: Task
     tokenizer: object
 
-    def evaluate(self, glob) -> dict[str, float]:
-        scores: dict[str, float] = {}
-        for evaluator in self.evaluators:
-            scores.update(evaluator(glob))
-        return scores
+    def evaluate(self, glob, full: bool = True) -> dict[str, float]:
+        return evaluate_all(self.evaluators, glob, full)
+
+
+def evaluate_all(evaluators: list, glob, full: bool = True) -> dict[str, float]:
+    """Every evaluator's scores in one dict; `full=False` lets each score its fixed subset."""
+    scores: dict[str, float] = {}
+    for evaluator in evaluators:
+        scores.update(evaluator(glob, full=full))
+    return scores
 
 
 def split_data(dataset: TextDataset, config: Config, personalised: bool = False) -> Split:
@@ -169,8 +175,24 @@ def build_evaluators(config: Config, base: Base, dataset: TextDataset,
     """The global model on held-out examples: one evaluator per non-empty `{prefix: positions}`.
     `targets` are the task's per-example targets (default: the data set's labels)."""
     targets = targets if targets is not None else dict(enumerate(dataset.labels))
-    return [base.task.evaluator(base, dataset, idx, tokens, targets, prefix)
+    return [held_out_evaluator(config, base, dataset, idx, tokens, targets, prefix,
+                               config.federation.eval_examples, (prefix,))
             for prefix, idx in held_out.items() if idx]
+
+
+def held_out_evaluator(config: Config, base: Base, dataset, positions: list[int], tokens: dict,
+                       targets: dict, prefix: str, size: int, tags: tuple, view=None):
+    """The task's evaluator on `positions`; when 0 < `size` < len(positions), wrapped so that
+    rounds before the last score a fixed stratified subset of `size` of them (`Subsampled`),
+    drawn from the run's seed and `tags` (the same subset in every round and every run)."""
+    whole = base.task.evaluator(base, dataset, positions, tokens, targets, prefix, view=view)
+    if not 0 < size < len(positions):
+        return whole
+    chosen = stratified_subset(base.task.strata(dataset, positions), size,
+                               derive_seed(config.seed, "eval", *tags))
+    part = base.task.evaluator(base, dataset, [positions[i] for i in chosen], tokens, targets,
+                               prefix, view=view)
+    return Subsampled(whole, part, prefix)
 
 
 def build_experiment(config: Config) -> Experiment:
@@ -187,9 +209,11 @@ def build_experiment(config: Config) -> Experiment:
     clients = [build_client(config, cid, [tokens[i] for i in part], [targets[i] for i in part])
                for cid, part in enumerate(split.clients)]
     if split.client_test is not None:
+        share = personal_share(config.federation.eval_examples, config.federation.clients)
         evaluators = [PersonalisedEvaluation([
-            task.evaluator(base, dataset, part, tokens, targets, "test",
-                           view=_client_view(method, base.initial, client))
+            held_out_evaluator(config, base, dataset, part, tokens, targets, "test", share,
+                               ("test", client.cid),
+                               view=_client_view(method, base.initial, client))
             for client, part in zip(clients, split.client_test)])]
     else:
         evaluators = build_evaluators(config, base, dataset, {"test": split.test}, tokens, targets)

@@ -50,10 +50,14 @@ def initial_line(scores: dict[str, Any], config: Config) -> str:
 def round_line(record: dict[str, Any], config: Config) -> str:
     acc = record.get("test_accuracy")
     metric = "acc" if config.task.kind == "classification" else "exact match"
-    scores = (f"test {metric} {acc:.3f} loss {record['test_loss']:.3f}" if acc is not None
+    # a score on the fixed subset (federation.eval_examples) reads "≈" with its size, so it is
+    # never taken for the whole held-out set's (the last round's, the summary's)
+    sub, n = _subset(record, "test")
+    scores = (f"test {metric}{sub}{acc:.3f} loss{sub}{record['test_loss']:.3f}{n}" if acc is not None
               else "(not evaluated)")
     if record.get("validation_accuracy") is not None:
-        scores += f" · val acc {record['validation_accuracy']:.3f}"
+        sub, n = _subset(record, "validation")
+        scores += f" · val acc{sub}{record['validation_accuracy']:.3f}{n}"
     eps = f"ε {_eps(record['epsilon'])}/{_eps(config.privacy.epsilon)}" if config.private else "ε ∞"
     refused = f" · refused: {sorted(record['refused'])}" if record.get("refused") else ""
     if record.get("failed"):
@@ -63,6 +67,12 @@ def round_line(record: dict[str, Any], config: Config) -> str:
             f"client {c}: {why}" for c, why in sorted(record["rejected"].items(), key=lambda x: int(x[0])))
     return (f"round {record['round']:3d}/{config.federation.rounds} · {scores} · {eps} · "
             f"up {_bytes(record['bytes_uploaded'])} · {record['seconds']:.1f} s{refused}")
+
+
+def _subset(record: dict[str, Any], prefix: str) -> tuple[str, str]:
+    """(" ", "") for a whole-set score, ("≈", " (N examples)") for one on a subset of N."""
+    n = record.get(f"{prefix}_examples")
+    return (" ", "") if n is None else ("≈", f" ({n} examples)")
 
 
 def center_line(info: dict[str, Any], config: Config) -> str:

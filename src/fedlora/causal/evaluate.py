@@ -35,7 +35,11 @@ class GenerationEvaluator:
         self.generated_ids: list[list[int]] = []  # the last evaluation's answers (before eos)
         self.generations: list[str] = []  # ... decoded
 
-    def __call__(self, glob: GlobalState) -> dict[str, float]:
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __call__(self, glob: GlobalState, full: bool = True) -> dict[str, float]:
+        """Scores on all its pairs (`full` is the protocol's: see `federation.evaluate.Subsampled`)."""
         self.handle.install(self.view(glob))
         return {f"{self.prefix}_accuracy": self.exact_match(), f"{self.prefix}_loss": self.loss()}
 

@@ -5,6 +5,10 @@
                      validate replies → aggregate(accepted) → evaluate → one metrics record
                      → checkpoint (every `checkpoint_every` rounds and after the last)
 
+`evaluate(glob, full=...)` is asked for the whole held-out set after the last round only;
+before it, an evaluator may score a fixed subset (`federation.eval_examples`, see
+`fedlora.federation.evaluate`) and says so in its scores (`test_examples`).
+
 A reply that fails validation never reaches `method.aggregate`: it is rejected and logged with
 the client's id; the round goes on with the others, or the run stops (`on_bad_update`).
 """
@@ -77,7 +81,10 @@ class FederationState:
     center: dict = field(default_factory=dict)  # what the centring query gave (see `centering`)
 
 
-Evaluate = Callable[[GlobalState], dict[str, float]]
+class Evaluate(Protocol):
+    def __call__(self, glob: GlobalState, full: bool = True) -> dict[str, float]:
+        """Scores of `glob` on held-out data: on all of it when `full`, else possibly on a
+        fixed subset (the scores then carry `<prefix>_examples`)."""
 Checkpoint = Callable[[FederationState], None]
 
 
@@ -139,7 +146,8 @@ def run_rounds(method: Method, state: FederationState, transport: Transport, pla
         exhausted = all(rep.refused is not None for rep in exchange.replies)
         last = r == plan.rounds - 1 or exhausted
         lap("report")
-        scores = evaluate(state.glob) if (r + 1) % plan.eval_every == 0 or last else {}
+        # the last round's scores are the run's result: always on the whole held-out set
+        scores = evaluate(state.glob, full=last) if (r + 1) % plan.eval_every == 0 or last else {}
         lap("evaluate")
         record = _record(r, selected, exchange, accepted, rejected, state, scores,
                          time.perf_counter() - start)

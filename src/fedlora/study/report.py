@@ -98,7 +98,7 @@ def _markdown(table: Table, line1: str, line2: str, dirs, target: float, auto: b
            f"{n} complete run folders from {src}, {hours:.1f} hours of run time in all (the sum of "
            "their wall times). One row per setting: mean ± sample standard deviation (n − 1) over "
            f"its seeds ({', '.join(map(str, table.seeds))}); test accuracy is on the held-out test "
-           "set after the last round; ε is the largest any client spent.",
+           "set after the last round; ε is the largest any client spent." + _subset_note(table),
            "", to_markdown(table)]
     for d in map(Path, dirs):
         if (d / "selection.md").is_file():
@@ -113,6 +113,18 @@ def _markdown(table: Table, line1: str, line2: str, dirs, target: float, auto: b
             "## Plots", ""]
     out += [f"![{f[:-4].replace('_', ' ')}]({f})" for f in figures]
     return "\n".join(out) + "\n"
+
+
+def _subset_note(table: Table) -> str:
+    """Says so when the curves' rounds before the last were scored on a subset of the test set."""
+    sizes = sorted({rec["test_examples"] for row in table.rows for run in row.runs
+                    for rec in run.metrics if rec.get("test_examples") is not None})
+    if not sizes:
+        return ""
+    return (f" Per-round points before the last round (curves, MB to target) are on a fixed "
+            f"stratified subset of {', '.join(map(str, sizes))} test examples "
+            "(`federation.eval_examples`); the last round's, and every final number, are on the "
+            "whole test set.")
 
 
 def write_report(dirs: list[str | Path], out: str | Path | None = None, target: float | None = None,

@@ -39,6 +39,11 @@ class Task:
                   targets: dict, prefix: str, view: Callable | None = None) -> Callable:
         raise NotImplementedError
 
+    def strata(self, dataset: Any, positions: list[int]) -> list:
+        """What a subset of held-out examples is stratified by (`federation.eval_examples`):
+        their labels."""
+        return [dataset.labels[i] for i in positions]
+
     def baseline(self, dataset: Any, train: list[int], test: list[int]) -> float | None:
         """A trivial predictor's score to beat (None where there is none)."""
         return None

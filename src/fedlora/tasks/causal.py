@@ -56,6 +56,12 @@ class CausalTask(Task):
             base.pad_id, self.config.train.eval_batch_size, t.max_new_tokens, self.scorer,
             prefix, view=view)
 
+    def strata(self, dataset: PairDataset, positions: list[int]) -> list:
+        """Pairs have no label: a subset keeps the groups' (difficulties') shares, if loaded."""
+        if dataset.groups is None:
+            return super().strata(dataset, positions)
+        return [dataset.groups[i] for i in positions]
+
     def export(self, model, tokenizer, folder: Path) -> None:
         if self.config.task.export_merged:
             export_merged(model, tokenizer, folder / "merged")

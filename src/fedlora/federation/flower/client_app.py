@@ -20,7 +20,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from fedlora.errors import ConfigError  # noqa: E402
-from fedlora.federation.flower.messages import RECORD, read_train, reply_record  # noqa: E402
+from fedlora.federation.flower.messages import (RECORD, read_train, reply_record,  # noqa: E402
+                                                score_record)
 from fedlora.federation.flower.runconfig import FlowerRun, read_run_config  # noqa: E402
 from fedlora.federation.flower.site import Site, client_id  # noqa: E402
 from fedlora.federation.flower.sitestate import SiteState, state_dir  # noqa: E402
@@ -65,10 +66,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         site = Site.build(run.config, context.node_config, instruction.label_names)
         # its personal tensors as round `instruction.round` left them
         site.client.personal, _ = store.before(instruction.round + 1)
-    scores = site.evaluate(instruction.download())
-    return Message(RecordDict({RECORD: ConfigRecord({
-        "client": site.client.cid, "accuracy": float(scores["test_accuracy"]),
-        "loss": float(scores["test_loss"])})}), reply_to=msg)
+    scores = site.evaluate(instruction.download(), full=instruction.full)
+    return Message(RecordDict({RECORD: ConfigRecord(score_record(
+        site.client.cid, scores, len(site.test_tokens)))}), reply_to=msg)
 
 
 def open_state(node_config, run: FlowerRun) -> SiteState:

@@ -25,6 +25,7 @@ class TrainInstruction:
     payload: bytes  # the encoded download
     label_names: list[str]
     checkpointed: int = 0  # rounds the server has checkpointed (0: none): never asked again
+    full: bool = True  # an evaluation: all held-out examples, or the fixed subset (eval_examples)
 
     def download(self) -> State:
         return decode_state(self.payload)
@@ -42,14 +43,23 @@ class SiteFacts:
 
 
 def train_record(round: int, client: int, payload: bytes, label_names: list[str],
-                 checkpointed: int = 0) -> dict:
+                 checkpointed: int = 0, full: bool = True) -> dict:
     return {"round": round, "client": client, "download": payload, "label-names": list(label_names),
-            "checkpointed": checkpointed}
+            "checkpointed": checkpointed, "full": bool(full)}
 
 
 def read_train(record) -> TrainInstruction:
     return TrainInstruction(int(record["round"]), int(record["client"]), bytes(record["download"]),
-                            list(record["label-names"]), int(record["checkpointed"]))
+                            list(record["label-names"]), int(record["checkpointed"]),
+                            bool(record["full"]))
+
+
+def score_record(client: int, scores: dict, held_out: int) -> dict:
+    """A site's scores of its own model: accuracy, loss, and how many of its `held_out`
+    examples they are on (fewer: the fixed subset of a round before the last)."""
+    return {"client": client, "accuracy": float(scores["test_accuracy"]),
+            "loss": float(scores["test_loss"]),
+            "examples": int(scores.get("test_examples", held_out)), "held-out": int(held_out)}
 
 
 def facts_record(facts: SiteFacts) -> dict:

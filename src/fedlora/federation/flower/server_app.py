@@ -31,7 +31,8 @@ from fedlora import report  # noqa: E402
 from fedlora.api import ServerSide, execute, resume_config  # noqa: E402
 from fedlora.config import Config  # noqa: E402
 from fedlora.data.sources import TextDataset, load_dataset  # noqa: E402
-from fedlora.experiment import build_base, build_evaluators, load_data, split_data  # noqa: E402
+from fedlora.experiment import (build_base, build_evaluators, evaluate_all, load_data,  # noqa: E402
+                                split_data)
 from fedlora.federation import checkpoint as ckpt  # noqa: E402
 from fedlora.federation.flower.runconfig import FlowerRun, read_run_config  # noqa: E402
 from fedlora.federation.flower.transport import FlowerTransport, personalised_evaluation  # noqa: E402
@@ -73,11 +74,8 @@ def build_server(config: Config, test_path: str) -> tuple[ServerSide, list[str]]
     evaluators = build_evaluators(config, base, data, {"test": test, "validation": validation},
                                   tokens)
 
-    def evaluate(glob):
-        scores = {}
-        for evaluator in evaluators:
-            scores.update(evaluator(glob))
-        return scores
+    def evaluate(glob, full: bool = True):
+        return evaluate_all(evaluators, glob, full)
 
     return ServerSide(config, base.method, base.handle, base.initial, evaluate), data.label_names
 

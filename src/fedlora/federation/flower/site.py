@@ -28,7 +28,7 @@ from fedlora.data.sources import TextDataset, load_dataset, split_holdout
 from fedlora.errors import ConfigError, DataError
 from fedlora.experiment import Base, build_base, build_client, build_trainer, load_data, split_data
 from fedlora.federation.client import Client, LocalTrainer
-from fedlora.federation.evaluate import Evaluator
+from fedlora.federation.evaluate import Evaluator, personal_share, stratified_subset
 from fedlora.federation.flower.messages import SiteFacts
 from fedlora.methods import get_method
 from fedlora.methods.base import State
@@ -113,6 +113,8 @@ class Site:
     test_tokens: list[list[int]]
     test_labels: list[int]
     eval_batch_size: int
+    eval_examples: int = 0  # this site's share of federation.eval_examples (0: all, always)
+    seed: int = 0
 
     @classmethod
     def build(cls, config: Config, node_config: Mapping[str, Any], label_names: list[str]) -> "Site":
@@ -126,19 +128,29 @@ class Site:
         base = build_base(config, len(label_names))
         client = build_client(config, data.client, base.encode(data.texts, config),
                               [index[n] for n in data.labels])
+        f = config.federation
         return cls(client, build_trainer(config, base), list(label_names), base,
                    base.encode(data.test_texts, config) if data.test_texts else [],
-                   [index[n] for n in data.test_labels], config.train.eval_batch_size)
+                   [index[n] for n in data.test_labels], config.train.eval_batch_size,
+                   personal_share(f.eval_examples, f.clients), config.seed)
 
-    def evaluate(self, download: State) -> dict[str, float]:
-        """This client's own model (its personal tensors + the download) on its held-out part."""
+    def evaluate(self, download: State, full: bool = True) -> dict[str, float]:
+        """This client's own model (its personal tensors + the download) on its held-out part:
+        all of it, or (`full=False`) the fixed stratified subset the simulation scores for this
+        client (same share, same seed)."""
         if not self.test_tokens:
             raise DataError(f"site {self.client.cid} has no held-out examples to score its model on")
         base, cid = self.base, self.client.cid
         own = base.method.client_state(base.initial, self.client.personal, download, cid)
-        scorer = Evaluator(base.handle, base.initial, self.test_tokens, self.test_labels,
-                           base.pad_id, self.eval_batch_size, "test", view=lambda glob: own)
-        return scorer(None)
+        chosen = list(range(len(self.test_tokens)))
+        subset = not full and 0 < self.eval_examples < len(chosen)
+        if subset:
+            chosen = stratified_subset(self.test_labels, self.eval_examples,
+                                       derive_seed(self.seed, "eval", "test", cid))
+        scorer = Evaluator(base.handle, base.initial, [self.test_tokens[i] for i in chosen],
+                           [self.test_labels[i] for i in chosen], base.pad_id,
+                           self.eval_batch_size, "test", view=lambda glob: own)
+        return {**scorer(None), **({"test_examples": len(chosen)} if subset else {})}
 
     @property
     def facts(self) -> SiteFacts:

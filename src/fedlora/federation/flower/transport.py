@@ -139,15 +139,17 @@ class FlowerTransport:
         return Exchange(replies, sent, received, failed)
 
     # ---------------------------------------------------------------- personalised scores
-    def evaluate_sites(self, downloads: dict[int, State]) -> dict[int, tuple[float, float]]:
+    def evaluate_sites(self, downloads: dict[int, State],
+                       full: bool = True) -> dict[int, tuple[float, float, int, int]]:
         """Each site scores its own model (its personal tensors + `downloads[c]`) on its own
-        held-out examples: client → (accuracy, loss). Sites that fail are logged and left out.
+        held-out examples, all of them or (`full=False`) its fixed subset: client → (accuracy,
+        loss, examples scored, examples held out). Sites that fail are logged and left out.
         This traffic is evaluation, not training: it is not in the byte counts."""
         from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
         messages = {cid: Message(RecordDict({RECORD: ConfigRecord(train_record(
                         self.last_round, cid, encode_state(state), self.label_names,
-                        self.saved_rounds))}),
+                        self.saved_rounds, full))}),
                         dst_node_id=self.nodes[cid], message_type=MessageType.EVALUATE)
                     for cid, state in downloads.items() if cid in self.nodes}
         answers = list(self.grid.send_and_receive(list(messages.values()), timeout=self.round_timeout))
@@ -161,7 +163,8 @@ class FlowerTransport:
                 self.say(f"client {cid} could not score its model — {msg.error.reason}")
                 continue
             record = msg.content.config_records[RECORD]
-            scores[cid] = (float(record["accuracy"]), float(record["loss"]))
+            scores[cid] = (float(record["accuracy"]), float(record["loss"]),
+                           int(record["examples"]), int(record["held-out"]))
         return scores
 
     def client_facts(self) -> list[dict]:
@@ -176,15 +179,21 @@ class FlowerTransport:
 
 
 def personalised_evaluation(transport: FlowerTransport, method, num_clients: int):
-    """`evaluate(glob)` for personalised methods, as `PersonalisedEvaluation` reports it: the
-    unweighted mean over the clients that answered, and per-client lists (None: no answer)."""
-    def evaluate(glob) -> dict:
-        scores = transport.evaluate_sites({c: method.download(glob, c) for c in range(num_clients)})
+    """`evaluate(glob, full)` for personalised methods, as `PersonalisedEvaluation` reports it:
+    the unweighted mean over the clients that answered, per-client lists (None: no answer),
+    and `test_examples` when some site scored only its fixed subset."""
+    def evaluate(glob, full: bool = True) -> dict:
+        downloads = {c: method.download(glob, c) for c in range(num_clients)}
+        scores = transport.evaluate_sites(downloads, full)
         acc = [scores[c][0] if c in scores else None for c in range(num_clients)]
         loss = [scores[c][1] if c in scores else None for c in range(num_clients)]
         got_acc, got_loss = [a for a in acc if a is not None], [x for x in loss if x is not None]
         if not got_acc:
             return {}
-        return {"test_accuracy": sum(got_acc) / len(got_acc), "test_loss": sum(got_loss) / len(got_loss),
-                "test_accuracy_per_client": acc, "test_loss_per_client": loss}
+        out = {"test_accuracy": sum(got_acc) / len(got_acc),
+               "test_loss": sum(got_loss) / len(got_loss),
+               "test_accuracy_per_client": acc, "test_loss_per_client": loss}
+        if any(examples < held for _, _, examples, held in scores.values()):
+            out["test_examples"] = sum(examples for _, _, examples, _ in scores.values())
+        return out
     return evaluate
