@@ -296,3 +296,22 @@ def test_cli_app_takes_overrides_after_options(tmp_path, tiny_overrides):
     assert run.config == load_config(None, tiny_overrides + ["federation.rounds=3"])
     with pytest.raises(SystemExit):
         main(["flower", "app", str(folder), "--bogus"])
+
+
+@pytest.mark.parametrize("method", ["ffa", "fedsa"])
+def test_flower_scores_the_simulations_subsets(method, tiny_overrides, tmp_path):
+    """federation.eval_examples over Flower: the ServerApp's held-out subset (ffa) and each
+    site's share of its own held-out part (fedsa, personalised) are the simulation's, round by
+    round; the last round is scored on the whole set by both."""
+    config = load_config(None, tiny_overrides + [f"method.name={method}", "federation.rounds=3",
+                                                 "federation.eval_examples=6"])
+    grid = _three_nodes(config, tmp_path)
+    summary, out, _ = _flower_in_memory(config, tmp_path, grid)
+    sim = fedlora.run(config, tmp_path / "sim", progress=None)
+    read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    ours, theirs = read(out), read(tmp_path / "sim")
+    assert [r.get("test_examples") for r in theirs] == [6, 6, None]
+    keys = ("test_accuracy", "test_loss", "test_examples", "test_accuracy_per_client")
+    for x, y in zip(ours, theirs, strict=True):
+        assert {k: x.get(k) for k in keys} == {k: y.get(k) for k in keys}
+    assert summary["test_accuracy"] == sim["test_accuracy"] == theirs[-1]["test_accuracy"]

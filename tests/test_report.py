@@ -169,6 +169,22 @@ def test_report_files_are_written(study, tmp_path, capsys):
     assert "![accuracy vs epsilon](accuracy_vs_epsilon.png)" in md
     assert "test accuracy ≥ 0.600" in md and "| lora | 3 | 2/3 | 0.00 ± 0.00 | 1.5 |" in md
     assert "0.600 ± 0.100" in capsys.readouterr().out
+    assert "subset" not in md  # every round of these runs was scored on the whole test set
+
+
+def test_report_says_when_curves_are_on_a_test_subset(study, tmp_path):
+    """Runs with federation.eval_examples: rounds before the last carry `test_examples`; the
+    curve keeps every round, and the report says which points are on a subset."""
+    for metrics in study.glob("*/metrics.jsonl"):
+        records = [json.loads(x) for x in metrics.read_text().splitlines()]
+        for r in records[:-1]:
+            r["test_examples"] = 512
+        metrics.write_text("".join(json.dumps(x) + "\n" for x in records))
+    table = group(find_runs([study]))
+    assert [c[1] for c in rows_by(table)[("lora", 3.0)].mean_curve()] == \
+        [pytest.approx(x) for x in (0.5666667, 0.6, 0.6)]  # hand: the seeds' means per round
+    md = (write_report([study], tmp_path / "rep", progress=None) / "report.md").read_text()
+    assert "fixed stratified subset of 512 test examples" in md
 
 
 def test_data_split_and_alpha_figures(tmp_path):
