@@ -88,6 +88,7 @@ def timed_run(config, work: Path, after_setup=None) -> dict[str, Any]:
 
     from fedlora.api import ServerSide, client_facts, execute
     from fedlora.experiment import build_experiment, majority_accuracy
+    from fedlora.federation.timing import phase
     from fedlora.federation.simulation import InProcessTransport
     from fedlora.outputs import RunFolder
 
@@ -96,7 +97,13 @@ def timed_run(config, work: Path, after_setup=None) -> dict[str, Any]:
     timings: dict[str, float] = {}
     exp.trainer.timings = timings
     folder = RunFolder(work / "run").open()
-    server = ServerSide(config, exp.method, exp.trainer.handle, exp.initial, exp.evaluate,
+    def evaluate(glob, full=True):  # subset rounds and the whole-set last round, apart
+        kind = "whole set" if full else "subset"
+        timings[f"evaluations: {kind}"] = timings.get(f"evaluations: {kind}", 0) + 1
+        with phase(timings, f"evaluate: {kind}"):
+            return exp.evaluate(glob, full=full)
+
+    server = ServerSide(config, exp.method, exp.trainer.handle, exp.initial, evaluate,
                         majority_accuracy(exp))
     transport = InProcessTransport(exp.trainer, exp.clients, timings=timings)
     setup = time.perf_counter() - start

@@ -5,7 +5,9 @@ round, per-client privacy ledgers, update validation), default job unless overri
 The round loop, the transport and the trainer time their own phases when given a `timings`
 dict (`fedlora.federation.timing`; nothing is timed in normal runs). Figures are seconds per
 round, averaged over the rounds of one run; `--repeats` runs the job again and reports the
-median of each part. The issue's target: everything outside local training ≤ 10% of a round.
+median of each part. The issue's target: everything outside local training ≤ 10% of a round. One evaluation's
+seconds are also given apart for the fixed subset (rounds before the last, with
+`federation.eval_examples`) and for the whole test set (the last round).
 
     PYTHONPATH=src python benchmarks/round_breakdown.py [key=value ...] [--rounds 2]
         [--repeats 1] [--threads 0] [--json FILE]
@@ -30,10 +32,16 @@ def breakdown(overrides: list[str], threads: int, rounds: int | None) -> dict:
     config = load_config(None, [f"threads={threads}", *overrides, *extra])
     with tempfile.TemporaryDirectory(prefix="fedlora-breakdown-") as d:
         run = common.timed_run(config, Path(d))
-    parts = common.split_round(run["timings"])
-    return {"seconds_per_round": parts, "rounds": int(run["timings"]["rounds"]),
-            "test_accuracy": run["summary"]["test_accuracy"],
-            "eval_every": config.federation.eval_every}
+    t = run["timings"]
+    parts = common.split_round(t)
+    # seconds of one evaluation: on the fixed subset (rounds before the last, with
+    # federation.eval_examples) and on the whole test set (the last round)
+    each = {kind: t[f"evaluate: {kind}"] / t[f"evaluations: {kind}"]
+            for kind in ("subset", "whole set") if t.get(f"evaluations: {kind}")}
+    return {"seconds_per_round": parts, "rounds": int(t["rounds"]),
+            "seconds_per_evaluation": each, "test_accuracy": run["summary"]["test_accuracy"],
+            "eval_every": config.federation.eval_every,
+            "eval_examples": config.federation.eval_examples}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     print(common.table(["part of a round", "seconds", "share"], rows + [("round", total, "100%")]))
     print(f"\noutside local training: {100 * outside:.1f}% of a round "
           f"(target ≤ {100 * TARGET_OUTSIDE_TRAINING:.0f}%), eval_every={runs[0]['eval_every']}, "
+          f"eval_examples={runs[0]['eval_examples']}, "
           f"{runs[0]['rounds']} rounds per run, median of {len(runs)} run(s)")
+    for kind, seconds in runs[0]["seconds_per_evaluation"].items():
+        print(f"one evaluation on the {kind}: {seconds:.2f} s "
+              f"({100 * seconds / parts['local training']:.1f}% of a round's local training)")
     common.write_json(args.json, {"seconds_per_round": parts, "outside_training_share": outside,
                                   "target": TARGET_OUTSIDE_TRAINING, "runs": runs,
                                   "overrides": args.overrides, "rounds": args.rounds,

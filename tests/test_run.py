@@ -135,7 +135,7 @@ def test_crash_mid_run_leaves_no_run_folder_but_keeps_what_was_spent(tmp_path, t
     kept in `crash.partial/` (ε they spent must not be forgotten) and the error says how to resume."""
     from fedlora.federation import evaluate
 
-    def boom(self, glob):
+    def boom(self, glob, full=True):
         raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(evaluate.Evaluator, "__call__", boom)
