@@ -39,7 +39,9 @@ def breakdown(overrides: list[str], threads: int, rounds: int | None) -> dict:
     each = {kind: t[f"evaluate: {kind}"] / t[f"evaluations: {kind}"]
             for kind in ("subset", "whole set") if t.get(f"evaluations: {kind}")}
     return {"seconds_per_round": parts, "rounds": int(t["rounds"]),
-            "seconds_per_evaluation": each, "test_accuracy": run["summary"]["test_accuracy"],
+            "seconds_per_evaluation": each,
+            "centring_query_seconds": sum(v for k, v in t.items() if k.startswith("centring query")),
+            "test_accuracy": run["summary"]["test_accuracy"],
             "eval_every": config.federation.eval_every,
             "eval_examples": config.federation.eval_examples}
 

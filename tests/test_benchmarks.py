@@ -53,3 +53,23 @@ def test_round_breakdown_parts_add_up_to_the_round(bench, tiny_overrides, tmp_pa
     assert sum(parts[k] for k in main) == pytest.approx(parts["round"], rel=1e-9)
     assert parts["other"] == pytest.approx(sum(v for k, v in parts.items() if k.startswith("other:")))
     assert parts["local training"] > 0 and parts["evaluation"] > 0
+
+
+def test_round_breakdown_keeps_the_centring_query_out_of_the_rounds(bench, tiny_overrides,
+                                                                    tiny_st_model_dir, tmp_path):
+    """With centring on (a unit-norm model) the query's client work is timed apart, so no part
+    of a round comes out negative; subset and whole-set evaluations are timed apart."""
+    import round_breakdown
+
+    out = tmp_path / "b.json"
+    overrides = [*_tiny(tiny_overrides), f"model.path={tiny_st_model_dir}",
+                 "federation.eval_examples=8"]
+    assert round_breakdown.main([*overrides, "--threads", "1", "--rounds", "2",
+                                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    run, parts = result["runs"][0], result["seconds_per_round"]
+    assert run["centring_query_seconds"] > 0
+    assert parts["other: transport"] >= 0 and parts["other"] >= 0
+    assert set(run["seconds_per_evaluation"]) == {"subset", "whole set"}
+    main = ("local training", "serialisation", "aggregation", "evaluation", "other")
+    assert sum(parts[k] for k in main) == pytest.approx(parts["round"], rel=1e-9)
