@@ -66,7 +66,16 @@ def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "processor": platform.processor() or platform.machine(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work (if CUDA is in use), so that a clock read next includes it."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def write_json(path: str | Path | None, result: dict[str, Any]) -> None:

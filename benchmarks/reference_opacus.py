@@ -9,7 +9,9 @@ tensors weighted by client size. Each client owns a copy of the PEFT model, wrap
 (Opacus refuses to wrap a model twice), and its Adam state is reset every round, as in fedlora.
 
 Same model, data, expected batch size, clip and σ as fedlora's clients: only the machinery
-differs. Used by `benchmarks/throughput.py`; not part of the package.
+differs. On a GPU the model copies and every batch go to `device`, and Opacus draws its noise
+there (it needs a generator on the gradients' device). Used by `benchmarks/throughput.py`; not
+part of the package.
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ class OpacusClient:
 
     def __init__(self, model: nn.Module, trainable: Callable[[str], bool], token_ids: list[list[int]],
                  labels: list[int], *, max_length: int, pad_id: int, batch_size: int,
-                 physical_batch_size: int, noise_multiplier: float, clip: float, lr: float, seed: int):
-        model = copy.deepcopy(model)
+                 physical_batch_size: int, noise_multiplier: float, clip: float, lr: float, seed: int,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        model = copy.deepcopy(model).to(self.device)  # on its device before Opacus wraps it
         for name, p in model.named_parameters():
             p.requires_grad_(trainable(name))
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -61,7 +65,7 @@ class OpacusClient:
         self.model, self.optimizer, self.loader = self.engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
             max_grad_norm=clip, poisson_sampling=True,
-            noise_generator=torch.Generator().manual_seed(seed))
+            noise_generator=torch.Generator(device=self.device).manual_seed(seed))
         self.physical_batch_size = physical_batch_size
         self.num_examples = len(labels)
 
@@ -82,7 +86,8 @@ class OpacusClient:
         with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=self.physical_batch_size,
                                 optimizer=self.optimizer) as loader:
             while done < steps:
-                for input_ids, attention_mask, labels in loader:
+                for batch in loader:
+                    input_ids, attention_mask, labels = (t.to(self.device) for t in batch)
                     self.optimizer.zero_grad()
                     logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
                     F.cross_entropy(logits, labels).backward()
@@ -116,6 +121,8 @@ class OpacusFederation:
         for client in self.clients[:only]:
             wall, cpu = time.perf_counter(), time.process_time()
             trained, seen = client.train(self.state, steps)
+            if client.device.type == "cuda":
+                torch.cuda.synchronize(client.device)  # the GPU's queued work is the client's
             if on_client:
                 on_client(time.perf_counter() - wall, time.process_time() - cpu, seen)
             states.append(trained)

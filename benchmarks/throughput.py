@@ -16,8 +16,12 @@ hits neighbours alike). Both clocks are reported: wall time, and the process's C
 on a machine shared with other jobs is the steadier measure of work (with one thread it equals
 wall time on an idle machine).
 
+On a GPU (`--device cuda`) every contender computes there; the clocks wait for the GPU to
+finish (`torch.cuda.synchronize`) before they are read, and CPU time then counts only the
+host's share of the work.
+
     PYTHONPATH=src python benchmarks/throughput.py [key=value ...] [--repeats 3] [--steps 1]
-        [--threads 0] [--methods ffa lora] [--reference ffa lora] [--json FILE]
+        [--threads 0] [--device cpu] [--methods ffa lora] [--reference ffa lora] [--json FILE]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import common  # noqa: F401  (sets HF_HUB_OFFLINE before transformers loads)
 import torch
 
 from fedlora.config import load_config
+from fedlora.device import device_of
 from fedlora.experiment import build_client, build_experiment, build_trainer
 from fedlora.methods import get_method
 from fedlora.privacy.accountant import PrivacyAccountant
@@ -51,9 +56,11 @@ class Measure:
         self._marks = (0.0, 0.0)
 
     def start(self) -> None:
+        common.synchronize()
         self._marks = (time.perf_counter(), time.process_time())
 
     def stop(self, examples: int) -> None:
+        common.synchronize()  # a GPU's queued work belongs to what was timed
         self.wall += time.perf_counter() - self._marks[0]
         self.cpu += time.process_time() - self._marks[1]
         self.examples += examples
@@ -65,8 +72,8 @@ TARGETS = {"speedup_over_reference": 2.0, "floor_over_fedlora": 0.77, "dp_overhe
 
 
 def setup(overrides: list[str], threads: int, methods: list[str], reference: list[str],
-          steps: int) -> tuple[dict[str, Contender], dict]:
-    config = load_config(None, [f"threads={threads}", *overrides])
+          steps: int, device: str = "cpu") -> tuple[dict[str, Contender], dict]:
+    config = load_config(None, [f"threads={threads}", f"device={device}", *overrides])
     exp = build_experiment(config)
     if not threads:
         torch.set_num_threads(torch.get_num_threads())
@@ -89,6 +96,7 @@ def setup(overrides: list[str], threads: int, methods: list[str], reference: lis
             "sample_rate": [c.privacy.sample_rate for c in exp.clients],
             "batch_size": config.train.batch_size, "micro_batch_size": config.train.micro_batch_size,
             "max_length": config.model.max_length, "model": config.model.path,
+            "device": str(device_of(exp.model)),
             "padding": _padding(exp, steps)}
     return contenders, info
 
@@ -161,7 +169,8 @@ def _reference(config, exp, method, model, steps: int) -> Contender:
                             pad_id=exp.trainer.pad_id, batch_size=t.batch_size,
                             physical_batch_size=t.micro_batch_size,
                             noise_multiplier=c.privacy.noise_multiplier, clip=config.privacy.clip,
-                            lr=t.lr, seed=derive_seed(config.seed, "reference", c.cid))
+                            lr=t.lr, seed=derive_seed(config.seed, "reference", c.cid),
+                            device=device_of(model))
                for c in exp.clients]
     federation = OpacusFederation(clients)
 
@@ -234,14 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=1, help="local steps per client per repeat")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (config key device)")
     parser.add_argument("--methods", nargs="+", default=["ffa", "lora"])
     parser.add_argument("--reference", nargs="*", default=["ffa"],
                         help="methods to run the PEFT + Opacus reference for")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    contenders, info = setup(args.overrides, args.threads, args.methods, args.reference, args.steps)
+    contenders, info = setup(args.overrides, args.threads, args.methods, args.reference, args.steps,
+                             args.device)
     print(f"clients {info['clients']}, batch {info['batch_size']}, σ "
-          f"{[round(s, 3) for s in info['sigma']]}, {torch.get_num_threads()} threads", flush=True)
+          f"{[round(s, 3) for s in info['sigma']]}, {torch.get_num_threads()} threads, "
+          f"device {info['device']}", flush=True)
     runs = measure(contenders, args.repeats)
     result = {**summarise(runs, args.methods, args.reference), "setup": info,
               "repeats": args.repeats, "steps": args.steps, "overrides": args.overrides,

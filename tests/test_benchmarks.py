@@ -42,6 +42,21 @@ def test_throughput_measures_every_contender(bench, tiny_overrides, tmp_path):
     assert 0 < result["setup"]["padding"]["max_length"] < result["setup"]["padding"]["micro_batches"] <= 1
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_throughput_on_cuda_measures_every_contender_there(bench, tiny_overrides, tmp_path):
+    import throughput
+
+    out = tmp_path / "t.json"
+    assert throughput.main([*_tiny(tiny_overrides), "--threads", "1", "--repeats", "1",
+                            "--device", "cuda", "--methods", "ffa", "--reference", "ffa",
+                            "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["setup"]["device"].startswith("cuda") and result["machine"]["gpu"]
+    assert set(result["wall"]["examples_per_second"]) == {
+        "PEFT+Opacus ffa", "floor ffa", "fedlora ffa, DP", "fedlora ffa, no DP"}
+    assert all(v > 0 for v in result["wall"]["examples_per_second"].values())
+
+
 def test_round_breakdown_parts_add_up_to_the_round(bench, tiny_overrides, tmp_path):
     import round_breakdown
 

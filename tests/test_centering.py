@@ -26,7 +26,7 @@ def st_overrides(tiny_st_model_dir, toy_csv):
     return [f"model.path={tiny_st_model_dir}", "model.max_length=16", f"data.path={toy_csv}",
             "data.text_column=review", "data.label_column=sentiment", "federation.rounds=2",
             "federation.local_steps=2", "train.batch_size=16", "train.eval_batch_size=64",
-            "threads=1"]
+            "threads=1", "device=cpu"]  # the references below run the model on CPU batches
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 from fedlora import report
 from fedlora.config import Config, apply_override, config_from_dict, config_to_toml, load_config
+from fedlora.device import device_of
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.experiment import Experiment, build_experiment, majority_accuracy, partition_report
 from fedlora.federation import checkpoint as ckpt
@@ -41,7 +42,7 @@ def run(config: Config | dict | str | Path | None = None, out: str | Path | None
     `resume=DIR` continues the interrupted run whose folder is `DIR.partial/` from its last
     checkpoint, with the config saved there. A `config` given as well must resolve to the same
     config, and `overrides` (applied on top of the saved config, or of `config`) may change only
-    `threads`. The result equals an uninterrupted run's.
+    `threads` and `device`. The result equals an uninterrupted run's (on the same device).
     """
     say = progress or (lambda _: None)
     start = time.perf_counter()
@@ -85,18 +86,22 @@ def resume_config(folder: RunFolder, config, overrides) -> tuple[Config, ckpt.Ch
             raise ConfigError(f"--resume: '{folder.partial}' was started with another config "
                               f"({'; '.join(diff[:3])}) — resume without --config/overrides, "
                               "or start a new run with --out")
-        # only the cores may change (float sums may then differ in their last bits)
-        stored = dataclasses.replace(stored, threads=asked.threads)
+        # only the cores and the device may change (float sums may then differ in their last
+        # bits; sampling and DP noise are drawn on the CPU whatever the device)
+        stored = dataclasses.replace(stored, threads=asked.threads, device=asked.device)
     for ledger in sorted(folder.path("ledger").glob("client-*.json")):
         PrivacyLedger(ledger)  # unreadable: refused now, before anything is touched
     path = folder.path(ckpt.FILENAME)
     return stored, (ckpt.load_checkpoint(path, stored) if path.exists() else None)
 
 
+EXECUTION = ("threads", "device")  # how a run computes, not what: a resume may change them
+
+
 def _differences(a: Config, b: Config) -> list[str]:
     fa, fb = _flat(dataclasses.asdict(a)), _flat(dataclasses.asdict(b))
     return [f"{k}: {fa.get(k)!r} there, {fb.get(k)!r} here"
-            for k in sorted(set(fa) | set(fb)) if k != "threads" and fa.get(k) != fb.get(k)]
+            for k in sorted(set(fa) | set(fb)) if k not in EXECUTION and fa.get(k) != fb.get(k)]
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -319,6 +324,7 @@ def build_summary(server: ServerSide, state: FederationState, facts: list[dict],
                      for k, v in h.get("rejected", {}).items()},
         "failed": {str(k): v for h in state.history for k, v in h.get("failed", {}).items()},
         "seed": config.seed,
+        "device": str(device_of(server.handle.model)),
         "wall_seconds": round(seconds, 2),
         "private": not math.isinf(config.privacy.epsilon),
         "last_round": last.get("round"),

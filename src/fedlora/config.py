@@ -152,6 +152,8 @@ class PrivacyConfig:
 class Config:
     seed: int = _f(0, "seed for the split, LoRA A, client sampling and DP noise")
     threads: int = _f(0, "torch CPU threads (0 = all cores)")
+    device: str = _f("auto", "where the model computes: auto (cuda if available, else cpu), cpu, "
+                     "cuda or cuda:N; sampling and DP noise are drawn on the CPU either way")
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -305,6 +307,10 @@ def validate(config: Config) -> None:
     c = config
     _check(c.seed >= 0, "seed must be ≥ 0")
     _check(c.threads >= 0, "threads must be ≥ 0 (0 = all cores)")
+    from fedlora.device import DEVICE_NAMES, valid_device_name
+
+    _check(valid_device_name(c.device), f"device must be one of {', '.join(DEVICE_NAMES)} "
+           f"(N = GPU index, e.g. cuda:0), got {c.device!r}")
     _check(c.model.pooling in ("auto", "cls", "mean", "mean_normalized"),
            f"model.pooling must be auto, cls, mean or mean_normalized, got '{c.model.pooling}'")
     _check(c.model.max_length >= 8, "model.max_length must be ≥ 8 tokens")

@@ -12,6 +12,7 @@ import torch
 
 from fedlora.config import Config
 from fedlora.data.batching import encode
+from fedlora.device import resolve_device
 from fedlora.data.pairs import PairDataset
 from fedlora.data.partition import label_counts, partition
 from fedlora.data.sources import TextDataset, split_holdout
@@ -133,6 +134,7 @@ def build_base(config: Config, num_labels: int = 0, method: Method | None = None
     """`num_labels`: the classifier head's size (unused by a causal LM)."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)  # a missing GPU stops here, before any loading
     task = task or get_task(config)
     model_path = resolve_model_path(config.model.path)
     tokenizer = load_tokenizer(model_path)
@@ -140,7 +142,9 @@ def build_base(config: Config, num_labels: int = 0, method: Method | None = None
     model = task.load_model(model_path, num_labels)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    model = attach_lora(model, config.method, config.seed, task.peft_task_type)
+    # the head and LoRA's A are drawn on the CPU from the run's seed (identical whatever the
+    # device), then the whole model moves once; the handle is taken after the move
+    model = attach_lora(model, config.method, config.seed, task.peft_task_type).to(device)
     handle = AdapterHandle.of(model)
     return Base(model, handle, handle.state(), method or get_method(config.method), tokenizer, pad_id,
                 model_path, task)

@@ -221,15 +221,17 @@ class AdapterHandle:
         return handle
 
     def state(self) -> dict[str, Tensor]:
-        """A detached copy of every adapter tensor, and Δ = W − W0 of every base weight that
-        has been changed or trained."""
-        out = {k: p.detach().clone() for k, p in self.params.items()}
-        out.update({k: self.base[k].detach() - w0 for k, w0 in self._w0.items()})
+        """A detached CPU copy of every adapter tensor, and Δ = W − W0 of every base weight
+        that has been changed or trained (computed where the model is, returned on the CPU:
+        a state is what leaves a client, is serialised or hashed)."""
+        out = {k: p.detach().to("cpu", copy=True) for k, p in self.params.items()}
+        out.update({k: (self.base[k].detach() - w0).cpu() for k, w0 in self._w0.items()})
         return out
 
     def install(self, state: dict[str, Tensor]) -> None:
         """Copy adapter tensors in; set every base weight to W0 + Δ with Δ from `state`
-        (base weights absent from `state` go back to W0: a state is the whole base change)."""
+        (base weights absent from `state` go back to W0: a state is the whole base change).
+        `state` may live on any device: values are copied into the model's own."""
         with torch.no_grad():
             delta = {}
             for key, value in state.items():
@@ -241,7 +243,7 @@ class AdapterHandle:
                 self._snapshot(key)
             for key, w0 in self._w0.items():
                 p = self.base[key]
-                p.copy_(w0 + delta[key] if key in delta else w0)
+                p.copy_(w0 + delta[key].to(w0.device) if key in delta else w0)
 
     def set_trainable(self, trainable: callable) -> list[str]:
         """requires_grad per `trainable(key)`; returns the trainable keys."""
@@ -289,7 +291,8 @@ def save_base_delta(delta: dict[str, Tensor], path: Path) -> None:
     """Write base-weight changes as safetensors keyed by the plain model's parameter names."""
     from safetensors.torch import save_file
 
-    save_file({keys.native_name(k): v.detach().contiguous() for k, v in delta.items()}, str(path))
+    save_file({keys.native_name(k): v.detach().cpu().contiguous() for k, v in delta.items()},
+              str(path))
 
 
 def apply_base_delta(model: nn.Module, path: str | Path) -> nn.Module:
@@ -309,5 +312,5 @@ def apply_base_delta(model: nn.Module, path: str | Path) -> nn.Module:
                          "same base model the run used")
     with torch.no_grad():
         for name, d in delta.items():
-            params[name].add_(d.to(params[name].dtype))
+            params[name].add_(d.to(params[name].device, params[name].dtype))
     return model

@@ -24,8 +24,11 @@ def banner(config: Config) -> str:
     privacy = (f"DP-SGD ε={_eps(config.privacy.epsilon)}, δ={config.privacy.delta:g}, "
                f"clip={config.privacy.clip:g} per client" if config.private else "no DP (ε=∞)")
     m, f = config.method, config.federation
+    from fedlora.device import describe_device
+
     return (f"fedlora: {m.name} r={m.rank} α={m.alpha:g} on {','.join(m.target_modules)} · "
-            f"{f.clients} clients × {f.rounds} rounds × {f.local_steps} local steps · {privacy}")
+            f"{f.clients} clients × {f.rounds} rounds × {f.local_steps} local steps · {privacy} · "
+            f"device {describe_device(config.device)}")
 
 
 def describe_setup(exp) -> str:

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fedlora.device import device_of
 from fedlora.errors import ConfigError
 
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -35,6 +36,7 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                               pad_token_id=pad_id, eos_token_id=eos_id)
     out: list[list[int]] = [[] for _ in prompts]
+    device = device_of(model)  # prompts are padded on the CPU, generated on the model's device
     model.eval()
     for idx in batches:
         width = max(len(prompts[i]) for i in idx)
@@ -44,7 +46,8 @@ def greedy_generate(model: nn.Module, prompts: list[list[int]], pad_id: int, eos
             n = len(prompts[i])
             ids[row, width - n:] = torch.tensor(prompts[i])
             mask[row, width - n:] = 1
-        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                   generation_config=config)
         for row, i in enumerate(idx):
             new = generated[row, width:].tolist()
             out[i] = new[:new.index(eos_id)] if eos_id in new else new

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedlora.data.batching import collate
+from fedlora.device import device_of, to_device
 
 
 def answer_mask(starts: Tensor, lengths: Tensor, width: int) -> Tensor:
     """(n, width − 1) booleans: is shifted position t (predicting token t + 1) an answer token?"""
-    target = torch.arange(1, width).unsqueeze(0)
+    target = torch.arange(1, width, device=starts.device).unsqueeze(0)
     return (target >= starts.unsqueeze(1)) & (target < lengths.unsqueeze(1))
 
 
@@ -54,13 +55,14 @@ def causal_lm_loss(model: nn.Module, token_ids: list[list[int]], starts: list[in
     `logits_to_keep`, where the model has it): with a 49k vocabulary the output layer and the
     softmax over every prompt position would cost more than the answers need.
     """
-    batch = collate(token_ids, idx, pad_id)
-    start = torch.tensor([starts[i] for i in idx])
+    device = device_of(model)
+    batch = to_device(collate(token_ids, idx, pad_id), device)
+    start = torch.tensor([starts[i] for i in idx], device=device)
     lengths = batch["attention_mask"].sum(1)
     first = max(int(start.min()) - 1, 0) if len(idx) else 0
     keep = {}
     if len(idx) and _keeps_logits(model):
-        keep["logits_to_keep"] = torch.arange(first, int(lengths.max()) - 1)
+        keep["logits_to_keep"] = torch.arange(first, int(lengths.max()) - 1, device=device)
     else:
         first = 0
     logits = model(**batch, **keep).logits

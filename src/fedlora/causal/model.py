@@ -78,7 +78,8 @@ def merged_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     """The plain model's state dict with every LoRA layer folded in: W = W0 (+ Δ) + (α/r)·B·A.
 
     Read from the live PEFT model, so base-weight changes installed on it are included. Tied
-    weights keep their duplicate names, as `save_pretrained` expects.
+    weights keep their duplicate names, as `save_pretrained` expects. Folded where the model
+    is, returned on the CPU (it is written to disk).
     """
     base = peft_model.get_base_model()
     delta = {f"{name}.weight": module.get_delta_weight(module.active_adapters[0])
@@ -89,7 +90,7 @@ def merged_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
         if ".lora_" in key:
             continue
         plain = key.replace(".base_layer.", ".")
-        out[plain] = value.detach().clone() + delta.get(plain, 0.0)
+        out[plain] = (value.detach().clone() + delta.get(plain, 0.0)).cpu()
     return out
 
 

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from fedlora.config import Config
 from fedlora.data.batching import collate
+from fedlora.device import device_of, to_device
 from fedlora.methods import keys
 from fedlora.methods.base import GlobalState, State
 
@@ -64,19 +65,25 @@ def pooled_classifier(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def noisy_feature_sum(model: nn.Module, token_ids: list[list[int]], rate: float, noise: float,
                       pad_id: int, micro_batch: int, generator: torch.Generator) -> State:
-    """{SUM: Σ_{i ∈ Poisson(rate) sample} e_i + N(0, noise² I), COUNT: rate·n} (see module doc)."""
+    """{SUM: Σ_{i ∈ Poisson(rate) sample} e_i + N(0, noise² I), COUNT: rate·n} (see module doc).
+
+    Features are computed on the model's device; the sample and the noise are drawn from
+    `generator` on its own device (a seeded CPU generator: the same on any device), and the
+    answer — what leaves the client — is on the CPU."""
     classifier = pooled_classifier(model)
+    device = device_of(model)
     was_training = model.training
     model.eval()
     chosen = (torch.rand(len(token_ids), generator=generator) < rate).nonzero().flatten().tolist()
     chosen.sort(key=lambda i: len(token_ids[i]))  # length-sorted: little padding
     total = classifier.feature_center.new_zeros(classifier.feature_center.shape, dtype=torch.float64)
     for start in range(0, len(chosen), micro_batch):
-        batch = collate(token_ids, chosen[start:start + micro_batch], pad_id)
+        batch = to_device(collate(token_ids, chosen[start:start + micro_batch], pad_id), device)
         total += classifier.features(**batch).to(torch.float64).sum(0)
-    total += torch.randn(total.shape, generator=generator, dtype=torch.float64) * noise
+    total += torch.randn(total.shape, generator=generator, dtype=torch.float64,
+                         device=generator.device).to(device) * noise
     model.train(was_training)
-    return {SUM: total.to(torch.float32), COUNT: torch.tensor(rate * len(token_ids))}
+    return {SUM: total.to(torch.float32).cpu(), COUNT: torch.tensor(rate * len(token_ids))}
 
 
 def check_answer(upload: State, hidden: int) -> str | None:

@@ -44,10 +44,12 @@ class CheckpointError(FedloraError):
 
 
 def config_digest(config: Config) -> str:
-    """SHA-256 of the resolved config, `threads` aside (a resumed run may be given other cores)."""
+    """SHA-256 of the resolved config, `threads` and `device` aside (a resumed run may be given
+    other cores, or another device)."""
     import dataclasses
 
-    return hashlib.sha256(config_to_toml(dataclasses.replace(config, threads=0)).encode()).hexdigest()
+    plain = dataclasses.replace(config, threads=0, device="auto")
+    return hashlib.sha256(config_to_toml(plain).encode()).hexdigest()
 
 
 @dataclass

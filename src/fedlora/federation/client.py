@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from fedlora.config import TrainConfig
 from fedlora.data.batching import collate, length_groups
+from fedlora.device import device_of, to_device
 from fedlora.methods import lowrank
 from fedlora.methods.base import Method, State
 from fedlora.model import AdapterHandle
@@ -47,9 +48,10 @@ ExampleLoss = Callable[[nn.Module, list[list[int]], list[int], list[int], int], 
 
 def classification_loss(model: nn.Module, token_ids: list[list[int]], labels: list[int],
                         idx: list[int], pad_id: int) -> Tensor:
-    """Per-example cross-entropy of the classifier on examples `idx`."""
-    batch = collate(token_ids, idx, pad_id)
-    target = torch.tensor([labels[i] for i in idx], dtype=torch.long)
+    """Per-example cross-entropy of the classifier on examples `idx` (on the model's device)."""
+    device = device_of(model)
+    batch = to_device(collate(token_ids, idx, pad_id), device)
+    target = torch.tensor([labels[i] for i in idx], dtype=torch.long, device=device)
     return F.cross_entropy(model(**batch).logits, target, reduction="none")
 
 
@@ -126,6 +128,7 @@ class LocalTrainer:
         # a rank-r_k client on the rank-r_max model: coordinates beyond r_k stay exactly zero
         masked = {k: self.handle.param(k) for k in keys} if rank < self.method.max_rank else {}
         optimizer = self._optimizer(params)
+        # a CPU generator on any device: the same seed gives the same noise on a CPU and a GPU
         noise = torch.Generator().manual_seed(derive_seed(client.seed, "noise", client.cid, round))
         torch.manual_seed(derive_seed(client.seed, "dropout", client.cid, round))
         self.model.train()

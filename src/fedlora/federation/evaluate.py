@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fedlora.data.batching import collate, eval_batches
+from fedlora.device import device_of, to_device
 from fedlora.methods.base import GlobalState, State
 from fedlora.model import AdapterHandle
 
@@ -118,7 +119,8 @@ class Evaluator:
         preds = torch.empty(len(self.token_ids), dtype=torch.long)
         total = 0.0
         for idx in self.batches:
-            logits = model(**collate(self.token_ids, idx, self.pad_id)).logits
+            batch = to_device(collate(self.token_ids, idx, self.pad_id), device_of(model))
+            logits = model(**batch).logits.cpu()  # (n, labels): scored on the CPU
             target = self.labels[idx]
             total += F.cross_entropy(logits, target, reduction="sum").item()
             preds[idx] = logits.argmax(-1)

@@ -198,7 +198,8 @@ def clip_and_noise(
 
     Noise is drawn with `torch.normal(..., generator=generator)` one parameter at a time in
     sorted name order, so the same generator state gives the same noise; with σ = 0 nothing
-    is drawn. The generator must live on the gradients' device. Returns the private
+    is drawn. It is drawn on the generator's device and moved to the gradients' (a seeded CPU
+    generator gives GPU gradients the very noise it gives CPU ones). Returns the private
     gradients (same names and order as `grad_samples`) and the per-example norms ‖g_i‖
     before clipping, shape (n,).
     """
@@ -222,6 +223,7 @@ def clip_and_noise(
         std = noise_multiplier * clip
         for name in sorted(summed):
             s = summed[name]
+            drawn_on = generator.device if generator is not None else s.device
             s += torch.normal(0.0, std, size=s.shape, generator=generator, dtype=s.dtype,
-                              device=s.device)
+                              device=drawn_on).to(s.device)
     return {name: s / expected_batch_size for name, s in summed.items()}, norms

@@ -8,7 +8,9 @@ Node config (`flower-supernode --node-config '...'`), one of:
   as the in-process simulation splits it (N must equal `federation.clients`).
 
 plus, for any site, `state-dir="/abs/folder"`: where the site keeps its privacy ledger and
-personal tensors (see sitestate.py; default `$FLWR_HOME/fedlora-state/client-<k>`).
+personal tensors (see sitestate.py; default `$FLWR_HOME/fedlora-state/client-<k>`), and
+`device="cuda:1"` (or cpu, cuda, auto): where this site computes, instead of the run's `device`
+(whose default, auto, already lets each site use its own GPU if it has one).
 
 Flower starts a fresh ClientApp process for every message, so a site is rebuilt each round
 (the base model and LoRA A come from the run's seed, identical everywhere) and what must
@@ -20,11 +22,13 @@ continuous accountant would, across restarts of the SuperNode and of the server.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from fedlora.config import Config
 from fedlora.data.sources import TextDataset, load_dataset, split_holdout
+from fedlora.device import DEVICE_NAMES, valid_device_name
 from fedlora.errors import ConfigError, DataError
 from fedlora.experiment import Base, build_base, build_client, build_trainer, load_data, split_data
 from fedlora.federation.client import Client, LocalTrainer
@@ -36,7 +40,7 @@ from fedlora.seeding import derive_seed
 
 DEMO_KEYS = ("partition-id", "num-partitions")
 OWN_KEYS = ("data-path", "text-column", "label-column", "client-id")
-SITE_KEYS = ("state-dir",)  # either kind of site
+SITE_KEYS = ("state-dir", "device")  # either kind of site
 
 
 def client_id(node_config: Mapping[str, Any], config: Config) -> int:
@@ -60,6 +64,17 @@ def _check_keys(node_config: Mapping[str, Any]) -> None:
     unknown = sorted(set(node_config) - set(valid))
     if unknown:
         raise ConfigError(f"node config: unknown keys {unknown} — valid: {', '.join(valid)}")
+
+
+def site_config(config: Config, node_config: Mapping[str, Any]) -> Config:
+    """The run's config with this node's `device`, if its node config names one."""
+    if "device" not in node_config:
+        return config
+    value = node_config["device"]
+    if not valid_device_name(value):
+        raise ConfigError(f"node config: device={value!r} must be one of "
+                          f"{', '.join(DEVICE_NAMES)} (N = GPU index), e.g. device=\"cuda:0\"")
+    return dataclasses.replace(config, device=value)
 
 
 @dataclass
@@ -125,7 +140,7 @@ class Site:
             raise DataError(f"site {data.client}: labels {unknown} are not among the run's labels "
                             f"{label_names} — relabel the site's data")
         index = {n: i for i, n in enumerate(label_names)}
-        base = build_base(config, len(label_names))
+        base = build_base(site_config(config, node_config), len(label_names))
         client = build_client(config, data.client, base.encode(data.texts, config),
                               [index[n] for n in data.labels])
         f = config.federation
