@@ -179,3 +179,30 @@ def causal_overrides(tiny_llama_dir, sums_jsonl) -> list[str]:
         "train.eval_batch_size=16",
         "threads=1",
     ]
+
+
+@pytest.fixture
+def interrupt_in_round(monkeypatch):
+    """`interrupt_in_round(folder, overrides, r)`: start a run that a Ctrl-C stops as round `r`
+    (0-based) begins its local training, leaving `folder.partial/` to resume; training is
+    restored afterwards."""
+    import fedlora
+    from fedlora.federation.client import LocalTrainer
+
+    train = LocalTrainer.train
+
+    def crashing(self, client, download, round):
+        if round == r_stop[0]:
+            raise KeyboardInterrupt
+        return train(self, client, download, round)
+
+    r_stop = [1]
+
+    def interrupt(folder: Path, overrides: list[str], r: int = 1) -> None:
+        r_stop[0] = r
+        monkeypatch.setattr(LocalTrainer, "train", crashing)
+        with pytest.raises(KeyboardInterrupt):
+            fedlora.run(None, folder, overrides=overrides, progress=None)
+        monkeypatch.setattr(LocalTrainer, "train", train)
+
+    return interrupt

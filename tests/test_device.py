@@ -164,23 +164,11 @@ def test_adapter_state_leaves_on_the_cpu(tiny_overrides):
     assert all(v.device.type == "cpu" for v in exp.trainer.handle.state().values())
 
 
-def test_resume_may_change_the_device(tmp_path, tiny_overrides, monkeypatch, no_cuda):
+def test_resume_may_change_the_device(tmp_path, tiny_overrides, interrupt_in_round, no_cuda):
     """A run started with device=cpu resumes with device=auto (here the CPU too): `device`, like
     `threads`, says how a run computes, not what."""
-    from fedlora.federation.client import LocalTrainer
-
     overrides = _small(tiny_overrides) + ["device=cpu", "federation.rounds=2"]
-    train = LocalTrainer.train
-
-    def crashing(self, client, download, round):
-        if round == 1:
-            raise KeyboardInterrupt
-        return train(self, client, download, round)
-
-    monkeypatch.setattr(LocalTrainer, "train", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        fedlora.run(None, tmp_path / "run", overrides=overrides, progress=None)
-    monkeypatch.setattr(LocalTrainer, "train", train)
+    interrupt_in_round(tmp_path / "run", overrides)
     resumed = fedlora.run(resume=tmp_path / "run", overrides=["device=auto"], progress=None)
     whole = fedlora.run(None, tmp_path / "whole", overrides=overrides, progress=None)
     assert resumed["rounds"] == 2 and resumed["epsilon"] == whole["epsilon"]

@@ -221,21 +221,9 @@ def test_ledger_forgets_checkpointed_rounds_but_never_what_was_spent(tmp_path):
     assert sorted(PrivacyLedger(tmp_path / "l.json").rounds) == [4, 5]
 
 
-def test_resume_may_change_threads_only(tmp_path, overrides, monkeypatch):
+def test_resume_may_change_threads_only(tmp_path, overrides, interrupt_in_round):
     """`--resume DIR threads=2` applies on top of the saved config; anything else is refused."""
-    from fedlora.federation.client import LocalTrainer
-
-    train = LocalTrainer.train
-
-    def crashing(self, client, download, round):
-        if round == 1:
-            raise KeyboardInterrupt
-        return train(self, client, download, round)
-
-    monkeypatch.setattr(LocalTrainer, "train", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        fedlora.run(None, tmp_path / "run", overrides=overrides, progress=None)
-    monkeypatch.setattr(LocalTrainer, "train", train)
+    interrupt_in_round(tmp_path / "run", overrides)
     lines = []
     summary = fedlora.run(resume=tmp_path / "run", overrides=["threads=2"], progress=lines.append)
     assert summary["rounds"] == 3 and any("resuming after round 1 of 3" in x for x in lines)
