@@ -240,6 +240,73 @@ def test_selection_chooses_each_methods_rate_on_validation(tmp_path, tiny_overri
     assert len(again["runs"]) == 8
 
 
+def test_shards_split_a_sweep_and_choose_alike(tmp_path, tiny_overrides, monkeypatch):
+    """Two shards sharing one out folder: each run is made by exactly one shard, the second
+    shard waits for the first one's selection runs, both choose the same rates, and together
+    they leave the folders one unsharded sweep leaves."""
+    import threading
+
+    from fedlora.study import sweep as sweep_mod
+
+    raw = nested(tiny_overrides + ["federation.rounds=1", "data.validation_fraction=0.2"])
+    raw["seed"] = [0, 1]
+    raw["cases"] = [{"method": {"name": "lora"}, "train": {"lr": [0.001, 0.05]}},
+                    {"method": {"name": "ffa"}, "train": {"lr": [0.01]}}]
+    raw["select"] = {"over": "train.lr", "per": ["method.name"], "grid": {"seed": [0]}}
+    grid, out = parse_grid(raw), tmp_path / "out"
+    # shard 2 runs first and waits; shard 1 runs while shard 2 sleeps (never two runs at once:
+    # fedlora.run is not meant to share a process with another run), then shard 2 wakes
+    waiting, go = threading.Event(), threading.Event()
+
+    def sleep(_seconds):
+        waiting.set()
+        go.wait(timeout=600)
+
+    monkeypatch.setattr(sweep_mod, "_sleep", sleep)
+    second: dict = {}
+    lines2: list[str] = []
+    thread = threading.Thread(target=lambda: second.update(
+        sweep(grid, out, progress=lines2.append, shard=(1, 2), poll_s=0)))
+    thread.start()
+    assert waiting.wait(timeout=600)
+    lines1: list[str] = []
+    first = sweep(grid, out, progress=lines1.append, shard=(0, 2))
+    go.set()
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+
+    assert any("waiting for the other shards' selection runs: 1 of 3" in x for x in lines2)
+    assert not any("waiting" in x for x in lines1)   # shard 2's run was complete by then
+    assert first["selection"] == second["selection"]
+    ran = [x for x in lines1 + lines2
+           if x.startswith("[") and (x.endswith("· running") or "copied" in x)]
+    names = [x.split("] ", 1)[1].split(" · ")[0] for x in ran]
+    assert len(names) == len(set(names)) == 3 + 4   # 3 selection + 4 final, each made once
+    assert len(first["runs"]) == len(second["runs"]) == 2
+    # the same folders an unsharded sweep would report
+    lines: list[str] = []
+    whole = sweep(grid, out, progress=lines.append)
+    assert sorted(whole["runs"]) == sorted(first["runs"] + second["runs"])
+    assert sum("complete, skipped" in x for x in lines) == 3 + 4
+    assert whole["selection"] == first["selection"]
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "1", "a/b", "1/0"])
+def test_a_bad_shard_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, text):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "grid.toml").write_text('seed = [0, 1]\n[sweep]\nout = "out"\n')
+    assert main(["sweep", "--config", "grid.toml", "--shard", text]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--shard" in err and "I/N" in err
+    assert sorted(os.listdir(tmp_path)) == ["grid.toml"]
+
+
+def test_shard_numbers_are_one_based():
+    from fedlora.study.sweep import parse_shard
+
+    assert parse_shard("1/1") == (0, 1) and parse_shard("3/4") == (2, 4)
+
+
 # ---------------------------------------------------------------------------- choice (pure)
 
 

@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="grid: a config whose keys may hold lists, plus [sweep], [select], "
                             "[[cases]] (see configs/study/)")
     sweep.add_argument("--out", help="folder for the run folders (default: sweep.out in the grid)")
+    sweep.add_argument("--shard", metavar="I/N",
+                       help="make only every N-th run, starting at the I-th (1-based): N "
+                            "processes or machines sharing the out folder split the sweep")
     sweep.add_argument("--dry-run", action="store_true",
                        help="list the runs and which are complete; run nothing")
     sweep.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -105,9 +108,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return dispatch(args)
     if args.command == "sweep":
         from fedlora.study.grid import load_grid
-        from fedlora.study.sweep import sweep
+        from fedlora.study.sweep import parse_shard, sweep
 
-        sweep(load_grid(args.config, args.overrides), args.out, dry_run=args.dry_run)
+        shard = parse_shard(args.shard) if args.shard else None
+        sweep(load_grid(args.config, args.overrides), args.out, dry_run=args.dry_run, shard=shard)
         return 0
     if args.command == "report":
         from fedlora.study.report import write_report

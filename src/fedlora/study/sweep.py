@@ -5,6 +5,10 @@ skips every complete folder (after checking it holds the same config), continues
 run from `OUT/NAME.partial/` with `fedlora.run(resume=...)`, and starts the rest. Interrupting a
 sweep and starting it again therefore loses at most the rounds since the last checkpoint.
 
+`shard=(i, n)` splits one sweep over n processes or machines that share the out folder: shard i
+makes every n-th run (selection runs and final runs alike), then waits until the selection runs
+of every shard are complete before choosing, so each shard chooses the same rates.
+
 Runs go through `fedlora.run` in this process, one at a time. Each builds its own model: the
 LoRA A matrices and the head are drawn from the run's seed when the model is built, and loading
 the small encoder takes about a second against minutes of training, so sharing one would buy
@@ -32,6 +36,7 @@ from fedlora.study.grid import Grid, Run, flat_config, identity
 from fedlora.study.runs import load_run
 
 SELECT_DIR = "select"
+_sleep = time.sleep  # a name of our own, so a test can stand in for the shards' waiting
 
 
 @dataclass
@@ -68,21 +73,28 @@ def select_dir(grid: Grid, out: Path) -> Path:
 
 
 def sweep(grid: Grid, out: str | Path | None = None, *,
-          progress: Callable[[str], None] | None = print, dry_run: bool = False) -> dict:
-    """Run the grid; returns {"out", "runs": [final run folders], "selection": ... or None}."""
+          progress: Callable[[str], None] | None = print, dry_run: bool = False,
+          shard: tuple[int, int] | None = None, poll_s: float = 10.0) -> dict:
+    """Run the grid; returns {"out", "runs": [final run folders], "selection": ... or None}.
+
+    `shard=(i, n)` (0 ≤ i < n) makes runs i, i+n, i+2n, … of the selection runs and of the
+    final runs; "runs" then lists this shard's final run folders only."""
     say = progress or (lambda _: None)
+    i, n = shard or (0, 1)
     out = out_dir(grid, out)
     final = grid.runs()
     planned = grid.selection_runs() if grid.select else []
-    total = len(planned) + (final_count(grid, final) if grid.select else len(final))
+    finals = final_count(grid, final) if grid.select else len(final)
+    total = len(planned[i::n]) + len(range(i, finals, n))
     chosen_in = select_dir(grid, out)
-    say(_plan(grid, out, chosen_in, planned, total))
+    say(_plan(grid, out, chosen_in, planned, len(planned) + finals)
+        + (f" — shard {i + 1}/{n}: {total} of them" if n > 1 else ""))
     for note in grid.notes:
         say(note)
     if dry_run:
-        for run in planned:
+        for run in planned[i::n]:
             say(f"  {_state(chosen_in / run.name, run.config)}  {chosen_in / run.name}")
-        for run in ([] if grid.select else final):
+        for run in ([] if grid.select else final[i::n]):
             say(f"  {_state(out / run.name, run.config)}  {run.name}")
         return {"out": str(out), "runs": [], "selection": None}
     started = time.perf_counter()
@@ -91,19 +103,55 @@ def sweep(grid: Grid, out: str | Path | None = None, *,
     copies: dict[str, Path] = {}
     selection = None
     if grid.select:
-        folders = [_run_one(run, chosen_in, tracker, f"{chosen_in}/") for run in planned]
+        for run in planned[i::n]:
+            _run_one(run, chosen_in, tracker, f"{chosen_in}/")
+        folders = _await_selection(planned, chosen_in, say, poll_s) if n > 1 else \
+            [chosen_in / run.name for run in planned]
         copies = {identity(r.config): f for r, f in zip(planned, folders)}
         selection = _choose(grid, out, planned, folders, say)
         final = grid.final_runs(lambda config: sel.lookup(grid.select, selection,
                                                           flat_config(config)))
-    folders = [_run_one(run, out, tracker, "", copies) for run in final]
+    folders = [_run_one(run, out, tracker, "", copies) for run in final[i::n]]
     c = tracker.counts
-    say(f"sweep done in {(time.perf_counter() - started) / 60:.1f} min: {len(folders)} run "
+    say(f"sweep{f' shard {i + 1}/{n}' if n > 1 else ''} done in "
+        f"{(time.perf_counter() - started) / 60:.1f} min: {len(folders)} run "
         f"folders in {out} ({c['ran']} run, {c['resumed']} resumed, "
         f"{c['skipped']} already complete, {c['copied']} copied from the selection runs) — "
         f"tables and plots: fedlora report {out}")
     return {"out": str(out), "runs": [str(f) for f in folders],
             "selection": None if selection is None else sel.to_json(grid.select, selection)}
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"I/N" (1-based, as a user counts: 1/4 … 4/4) → (I-1, N)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        i = n = 0
+    if not 1 <= i <= n:
+        raise ConfigError(f"--shard {text!r}: expected I/N with 1 ≤ I ≤ N, e.g. --shard 2/4 for "
+                          "the second of four processes sharing the sweep's out folder")
+    return i - 1, n
+
+
+def _await_selection(planned: list[Run], chosen_in: Path, say: Callable[[str], None],
+                     poll_s: float) -> list[Path]:
+    """Wait until every selection run (other shards' too) is complete; a run folder exists
+    only once complete, so its existence is the signal."""
+    folders = [chosen_in / run.name for run in planned]
+    said = -1
+    while (done := sum(f.exists() for f in folders)) < len(folders):
+        if done != said:
+            say(f"waiting for the other shards' selection runs: {done} of {len(folders)} "
+                f"complete in {chosen_in}")
+            said = done
+        _sleep(poll_s)
+    for run, folder in zip(planned, folders):
+        diff = _same_config(folder, run.config)
+        if diff is not None:
+            raise ConfigError(f"'{folder}' holds a run of another config ({diff}) — remove it, "
+                              "or give the sweep another out folder (--out or sweep.out)")
+    return folders
 
 
 def final_count(grid: Grid, final: list[Run]) -> int:
