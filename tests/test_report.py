@@ -142,6 +142,8 @@ def test_figures_show_the_numbers_with_labels(study):
     assert list(lora3.get_xdata()) == [1, 2, 3]
     assert list(lora3.get_ydata()) == pytest.approx([(0.5 + 0.55 + 0.65) / 3, 0.6, 0.6])
     assert len(fig.axes[0].collections) == 2  # a band over seeds per line
+    assert not any(ln.get_label() == "_subset" for a in fig.axes for ln in a.get_lines())
+    assert plots.SUBSET not in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
 
     fig = plots.accuracy_versus_bytes(table, title, 0.6)
     ffa3 = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "ffa · ε=3"][0]
@@ -185,6 +187,14 @@ def test_report_says_when_curves_are_on_a_test_subset(study, tmp_path):
         [pytest.approx(x) for x in (0.5666667, 0.6, 0.6)]  # hand: the seeds' means per round
     md = (write_report([study], tmp_path / "rep", progress=None) / "report.md").read_text()
     assert "fixed stratified subset of 512 test examples" in md
+    # the curves draw the subset rounds hollow, the whole-set last round filled
+    ax = plots.accuracy_per_round(table, "t").axes[0]   # the ε = 3 panel
+    lora = [ln for ln in ax.get_lines() if ln.get_label() == "lora"][0]
+    hollow = [ln for ln in ax.get_lines() if ln.get_label() == "_subset"
+              and ln.get_markeredgecolor() == lora.get_color()][0]
+    assert list(hollow.get_xdata()) == [1, 2] and hollow.get_markerfacecolor() == "white"
+    assert list(hollow.get_ydata()) == pytest.approx([0.5666667, 0.6])
+    assert plots.SUBSET in [t.get_text() for t in ax.get_legend().get_texts()]
 
 
 def test_data_split_and_alpha_figures(tmp_path):

@@ -56,6 +56,25 @@ def _seeds(table: Table) -> str:
     return f"mean ± std over {n} seeds" if n > 1 else "one seed (no spread)"
 
 
+SUBSET = "hollow: a fixed test subset (eval_examples)"
+
+
+def _hollow_subset_points(ax, row: Row, curve, color) -> None:
+    """Rounds scored on the fixed test subset drawn hollow: the subset's offset from the whole
+    set is the same in every round, so a step at the last (whole-set) round is not a drop."""
+    subset = row.subset_rounds()
+    points = [(rnd, mean) for rnd, mean, _, _ in curve if rnd in subset]
+    if points:
+        ax.plot([p[0] for p in points], [p[1] for p in points], linestyle="none", marker="o",
+                markersize=6, markerfacecolor="white", markeredgecolor=color, label="_subset")
+
+
+def _subset_legend_entry(table: Table, ax) -> None:
+    if any(row.subset_rounds() for row in table.rows):
+        ax.plot([], [], linestyle="none", marker="o", markersize=6, markerfacecolor="white",
+                markeredgecolor="grey", label=SUBSET)
+
+
 def accuracy_per_round(table: Table, suptitle: str) -> Figure:
     """Test accuracy after each round; one panel per ε when ε varies."""
     panel_key = EPSILON if table.has(EPSILON) else None
@@ -72,6 +91,7 @@ def accuracy_per_round(table: Table, suptitle: str) -> Figure:
                 x = [c[0] for c in curve]
                 mean = [c[1] for c in curve]
                 ax.plot(x, mean, marker="o", markersize=3, color=colors[lab], label=lab)
+                _hollow_subset_points(ax, row, curve, colors[lab])
                 if len(row.runs) > 1:
                     lo = [m - (0 if math.isnan(s) else s) for _, m, s, _ in curve]
                     hi = [m + (0 if math.isnan(s) else s) for _, m, s, _ in curve]
@@ -83,6 +103,7 @@ def accuracy_per_round(table: Table, suptitle: str) -> Figure:
                      fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(ACCURACY)
+    _subset_legend_entry(table, axes[0])
     axes[0].legend(fontsize=7, loc="best")
     if panel_key:
         fig.supxlabel(f"test accuracy after each round ({_seeds(table)}; band: ± std)", fontsize=9)

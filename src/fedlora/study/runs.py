@@ -37,6 +37,11 @@ class RunResult:
                 return _number(record[key])
         return None
 
+    def subset_rounds(self) -> set[int]:
+        """Rounds scored on a subset of the test set (`federation.eval_examples`): only those
+        records carry `test_examples`; the last round and the summary use the whole set."""
+        return {int(r["round"]) for r in self.metrics if r.get("test_examples") is not None}
+
     def curve(self, key: str = "test_accuracy") -> list[tuple[int, float, int]]:
         """(round, value, bytes up+down so far) at every round that reported `key`."""
         out, sent = [], 0

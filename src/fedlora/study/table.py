@@ -71,6 +71,10 @@ class Row:
     def stat(self, get: Callable[[RunResult], Any]) -> tuple[float, float]:
         return mean_std(self.values(get))
 
+    def subset_rounds(self) -> set[int]:
+        """Rounds that any of the runs scored on a test subset, not the whole test set."""
+        return set().union(*(run.subset_rounds() for run in self.runs))
+
     def mean_curve(self, key: str = "test_accuracy") -> list[tuple[int, float, float, float]]:
         """(round, mean, std, mean bytes up+down so far) over the runs, at every evaluated round."""
         by_round: dict[int, list[tuple[float, int]]] = {}
