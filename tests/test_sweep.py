@@ -239,6 +239,39 @@ def test_selection_chooses_each_methods_rate_on_validation(tmp_path, tiny_overri
         "grid": {"seed": [0], "privacy.epsilon": [3.0]}}
     assert len(again["runs"]) == 8
 
+    # --dry-run, the selection complete: the choice is read (not written) and the finals listed
+    lines.clear()
+    sweep(parse_grid(raw), tmp_path / "third", progress=lines.append, dry_run=True)
+    assert not (tmp_path / "third").exists()
+    assert [x.split()[0] for x in lines[1:]] == ["complete"] * 4 + ["chosen"] + ["to"] * 8
+    assert f"method.name=lora: train.lr={chosen['lora']}" in lines[5]
+    lines.clear()
+    sweep(parse_grid(raw), tmp_path / "other", progress=lines.append, dry_run=True)
+    assert [x.split()[0] for x in lines[1:]] == ["complete"] * 4 + ["chosen"] + ["complete"] * 8
+
+
+def test_dry_run_lists_runs_and_their_state_and_writes_nothing(tmp_path, tiny_overrides):
+    raw = nested(tiny_overrides)
+    raw["seed"] = [0, 1]
+    raw["method"] = {"name": ["lora", "ffa"]}
+    lines: list[str] = []
+    sweep(parse_grid(raw), tmp_path / "plain", progress=lines.append, dry_run=True)
+    assert lines[1:] == [f"  to run       method={m},seed={s}" for s in (0, 1)
+                         for m in ("lora", "ffa")]
+    (tmp_path / "plain" / "method=ffa,seed=0.partial").mkdir(parents=True)
+    lines.clear()
+    sweep(parse_grid(raw), tmp_path / "plain", progress=lines.append, dry_run=True, shard=(1, 2))
+    assert "shard 2/2: 2 of them" in lines[0]
+    assert lines[1:] == ["  interrupted  method=ffa,seed=0", "  to run       method=ffa,seed=1"]
+    # with [select]: the finals depend on the choice, so they wait for the selection runs
+    raw["train"]["lr"] = [0.01, 0.1]
+    raw["data"]["validation_fraction"] = 0.2
+    raw["select"] = {"over": "train.lr", "per": ["method.name"], "grid": {"seed": [0]}}
+    lines.clear()
+    sweep(parse_grid(raw), tmp_path / "sel", progress=lines.append, dry_run=True)
+    assert [x.split()[0] for x in lines[1:]] == ["to"] * 4 + ["(the"]
+    assert not (tmp_path / "sel").exists()
+
 
 def test_shards_split_a_sweep_and_choose_alike(tmp_path, tiny_overrides, monkeypatch):
     """Two shards sharing one out folder: each run is made by exactly one shard, the second

@@ -92,10 +92,7 @@ def sweep(grid: Grid, out: str | Path | None = None, *,
     for note in grid.notes:
         say(note)
     if dry_run:
-        for run in planned[i::n]:
-            say(f"  {_state(chosen_in / run.name, run.config)}  {chosen_in / run.name}")
-        for run in ([] if grid.select else final[i::n]):
-            say(f"  {_state(out / run.name, run.config)}  {run.name}")
+        _dry_run(grid, out, chosen_in, planned, final, (i, n), say)
         return {"out": str(out), "runs": [], "selection": None}
     started = time.perf_counter()
     preflight([r.config for r in planned + final])
@@ -120,6 +117,27 @@ def sweep(grid: Grid, out: str | Path | None = None, *,
         f"tables and plots: fedlora report {out}")
     return {"out": str(out), "runs": [str(f) for f in folders],
             "selection": None if selection is None else sel.to_json(grid.select, selection)}
+
+
+def _dry_run(grid: Grid, out: Path, chosen_in: Path, planned: list[Run], final: list[Run],
+             shard: tuple[int, int], say: Callable[[str], None]) -> None:
+    """List the runs and their state, writing nothing. The final runs of a grid with [select]
+    are known once every selection run is complete (the choice is read, not written)."""
+    i, n = shard
+    for run in planned[i::n]:
+        say(f"  {_state(chosen_in / run.name, run.config)}  {chosen_in / run.name}")
+    if grid.select:
+        folders = [chosen_in / run.name for run in planned]
+        if not all(f.exists() and _same_config(f, r.config) is None
+                   for r, f in zip(planned, folders)):
+            say("  (the final runs are listed once every selection run is complete)")
+            return
+        choices = sel.choose(grid.select, _scores(grid, planned, folders))
+        say(f"  chosen on {grid.select.metric}: {sel.summary_line(grid.select, choices)}")
+        final = grid.final_runs(lambda config: sel.lookup(grid.select, choices,
+                                                          flat_config(config)))
+    for run in final[i::n]:
+        say(f"  {_state(out / run.name, run.config)}  {run.name}")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -248,14 +266,7 @@ def _run_one(run: Run, out: Path, tracker: Progress, label: str,
 
 def _choose(grid: Grid, out: Path, runs: list[Run], folders: list[Path],
             say: Callable[[str], None]) -> list[sel.Choice]:
-    results = []
-    for run, folder in zip(runs, folders):
-        score = load_run(folder).last(grid.select.metric)
-        if score is None:
-            raise ConfigError(f"'{folder}' reports no {grid.select.metric} — the selection runs "
-                              "need data.validation_fraction > 0")
-        results.append((run.name, flat_config(run.config), score))
-    choices = sel.choose(grid.select, results)
+    choices = sel.choose(grid.select, _scores(grid, runs, folders))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "selection.json", (json.dumps(
         _jsonable(sel.to_json(grid.select, choices)), indent=2) + "\n").encode())
@@ -263,6 +274,18 @@ def _choose(grid: Grid, out: Path, runs: list[Run], folders: list[Path],
     say(f"chosen on {grid.select.metric}: {sel.summary_line(grid.select, choices)} "
         f"(details: {out / 'selection.md'})")
     return choices
+
+
+def _scores(grid: Grid, runs: list[Run], folders: list[Path]) -> list[tuple]:
+    """(name, flat config, last value of the selection metric) of each selection run."""
+    results = []
+    for run, folder in zip(runs, folders):
+        score = load_run(folder).last(grid.select.metric)
+        if score is None:
+            raise ConfigError(f"'{folder}' reports no {grid.select.metric} — the selection runs "
+                              "need data.validation_fraction > 0")
+        results.append((run.name, flat_config(run.config), score))
+    return results
 
 
 def _jsonable(x):
