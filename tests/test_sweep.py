@@ -14,7 +14,7 @@ from fedlora.cli import main
 from fedlora.config import load_config
 from fedlora.errors import ConfigError
 from fedlora.study import select as sel
-from fedlora.study.grid import Selection, load_grid, parse_grid
+from fedlora.study.grid import Selection, load_grid, parse_grid, parse_only
 from fedlora.study.sweep import sweep
 
 
@@ -248,6 +248,56 @@ def test_selection_chooses_each_methods_rate_on_validation(tmp_path, tiny_overri
     lines.clear()
     sweep(parse_grid(raw), tmp_path / "other", progress=lines.append, dry_run=True)
     assert [x.split()[0] for x in lines[1:]] == ["complete"] * 4 + ["chosen"] + ["complete"] * 8
+    # --only method.name: that method's selection runs and finals, named as in the whole sweep
+    grid = parse_grid(raw)
+    parse_only(grid, ["method.name=ffa"])
+    lines.clear()
+    sweep(grid, tmp_path / "other", progress=lines.append, dry_run=True)
+    assert lines[1:] == [x for x in lines_of_whole(raw, tmp_path / "other") if "lora" not in x]
+
+
+def lines_of_whole(raw: dict, out) -> list[str]:
+    lines: list[str] = []
+    sweep(parse_grid(raw), out, progress=lines.append, dry_run=True)
+    return [x.replace("method.name=lora: train.lr=0.001; ", "").replace(
+        "method.name=lora: train.lr=0.05; ", "") for x in lines[1:]]
+
+
+def test_only_makes_a_subset_the_whole_sweep_then_finds_complete(tmp_path, tiny_overrides,
+                                                                  capsys):
+    raw = nested(tiny_overrides + ["federation.rounds=1"])
+    raw["seed"] = [0, 1]
+    raw["method"] = {"name": ["lora", "ffa"]}
+    raw["privacy"] = {"epsilon": [3.0, math.inf]}
+    whole = [r.name for r in parse_grid(raw).runs()]
+    grid = parse_grid(raw)
+    parse_only(grid, ["seed=1", "privacy.epsilon=inf,3"])  # keys AND, comma values OR
+    kept = [r.name for r in grid.kept(grid.runs())]
+    assert kept == [n for n in whole if n.endswith("seed=1")] and len(kept) == 4
+    grid = parse_grid(raw)
+    parse_only(grid, ["method.name=ffa", "privacy.epsilon=inf"])
+    result = sweep(grid, tmp_path / "s", progress=None)
+    assert [os.path.basename(f) for f in result["runs"]] == [
+        "method=ffa,epsilon=inf,seed=0", "method=ffa,epsilon=inf,seed=1"]
+    lines: list[str] = []
+    sweep(parse_grid(raw), tmp_path / "s", progress=lines.append)
+    assert sum("complete, skipped" in x for x in lines) == 2
+    assert sum("running" in x for x in lines) == 6
+
+
+@pytest.mark.parametrize("only, words", [
+    ("sed=1", "unknown key 'sed' — did you mean 'seed'?"),
+    ("seed=7", "keeps no run: the grid's seed takes 0, 1 — give one of those"),
+    ("train.lr=0.01", "train.lr is what [select] chooses"),
+])
+def test_a_bad_only_is_refused_before_anything_is_written(tmp_path, capsys, only, words):
+    grid = tmp_path / "grid.toml"
+    grid.write_text('seed = [0, 1]\n[data]\nvalidation_fraction = 0.1\n'
+                    '[train]\nlr = [0.01, 0.1]\n[select]\nover = "train.lr"\n')
+    assert main(["sweep", "--config", str(grid), "--out", str(tmp_path / "o"),
+                 "--only", only]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_dry_run_lists_runs_and_their_state_and_writes_nothing(tmp_path, tiny_overrides):

@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--shard", metavar="I/N",
                        help="make only every N-th run, starting at the I-th (1-based): N "
                             "processes or machines sharing the out folder split the sweep")
+    sweep.add_argument("--only", action="append", default=[], metavar="KEY=VALUES",
+                       help="make only the runs with these values, named as in the whole sweep "
+                            "(which finds them complete later), e.g. --only seed=0 or "
+                            "--only 'method.name=[lora, ffa]'; repeat for several keys")
     sweep.add_argument("--dry-run", action="store_true",
                        help="list the runs and which are complete; run nothing")
     sweep.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -107,11 +111,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return dispatch(args)
     if args.command == "sweep":
-        from fedlora.study.grid import load_grid
+        from fedlora.study.grid import load_grid, parse_only
         from fedlora.study.sweep import parse_shard, sweep
 
         shard = parse_shard(args.shard) if args.shard else None
-        sweep(load_grid(args.config, args.overrides), args.out, dry_run=args.dry_run, shard=shard)
+        grid = load_grid(args.config, args.overrides)
+        parse_only(grid, args.only)
+        sweep(grid, args.out, dry_run=args.dry_run, shard=shard)
         return 0
     if args.command == "report":
         from fedlora.study.report import write_report

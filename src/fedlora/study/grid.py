@@ -93,6 +93,7 @@ class Grid:
     out: str | None
     source: str = "grid"
     notes: list[str] = field(default_factory=list)  # said before the sweep starts
+    only: dict[str, list[Any]] = field(default_factory=dict)  # --only: key → values to make
 
     def settings(self, replace: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Each case's keys over the file's, `replace` over both; products of the lists."""
@@ -114,10 +115,30 @@ class Grid:
         return self.runs(self.select.grid if self.select else None)
 
     def final_runs(self, chosen: Callable[[Config], dict[str, Any]]) -> list[Run]:
-        """The grid's runs with the selected keys set to `chosen(config)` (their group's choice)."""
-        return self.runs_of([{**s, **chosen(build_config(s, self.source))} for s in self.settings()])
+        """The grid's runs with the selected keys set to `chosen(config)` (their group's choice).
+        Runs `--only` drops keep their candidates (their group may not have been chosen on)
+        and are dropped by `kept`; the chosen keys are always in the names, so a run's name
+        does not depend on what the other groups chose, or on --only."""
+        settings = []
+        for s in self.settings():
+            config = build_config(s, self.source)
+            settings.append({**s, **chosen(config)} if self._keeps(config) else s)
+        return self.runs_of(settings, always=self.select.over if self.select else [])
 
-    def runs_of(self, settings: list[dict[str, Any]]) -> list[Run]:
+    def kept(self, runs: list[Run], selection: bool = False) -> list[Run]:
+        """The runs `--only` keeps (all without it). Names are the whole grid's, so a subset
+        made now is found complete by the whole sweep later. Selection runs are filtered on
+        the `[select] per` keys alone: a choice averages over every other key (seeds, …), and
+        must not change because fewer final runs are made now."""
+        return [r for r in runs if self._keeps(r.config, selection)]
+
+    def _keeps(self, config: Config, selection: bool = False) -> bool:
+        only = {k: v for k, v in self.only.items()
+                if not selection or (self.select and k in self.select.per)}
+        flat = flat_config(config)
+        return all(_matches(flat[k], v) for k, v in only.items())
+
+    def runs_of(self, settings: list[dict[str, Any]], always: list[str] = ()) -> list[Run]:
         """Distinct runs, each named by the keys that tell it apart from the others."""
         runs, seen = [], set()
         for setting in settings:
@@ -126,11 +147,56 @@ class Grid:
             if ident not in seen:
                 seen.add(ident)
                 runs.append(Run("", config, setting))
-        keys = name_keys([r.setting for r in runs])
+        keys = name_keys([r.setting for r in runs], always)
         names = [run_name(r.setting, keys) for r in runs]
         for run, name in zip(runs, names):  # same name, different config: keep them apart
             run.name = name if names.count(name) == 1 else f"{name}-{_digest(identity(run.config))}"
         return runs
+
+
+def _word(text: str) -> Any:
+    """One value of a comma list: a TOML number or inf if it reads as one, else a string."""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+    return value if isinstance(value, (int, float)) else text
+
+
+def _matches(value: Any, allowed: list[Any]) -> bool:
+    return any(value == a or (isinstance(a, (int, float)) and isinstance(value, (int, float))
+                              and math.isclose(value, a)) for a in allowed)
+
+
+def parse_only(grid: Grid, items: list[str]) -> None:
+    """`--only key=value` or `key=[v1, v2]` (repeatable; keys AND, values OR) → grid.only,
+    checked against the grid's runs: an unknown key, the key [select] chooses, or a filter
+    that keeps no run is refused by name."""
+    for item in items:
+        key, _, text = (x.strip() for x in item.partition("="))
+        if key not in schema():
+            raise ConfigError(f"--only {item!r}: unknown key '{key}'"
+                              f"{_suggest(key, list(schema()))} give section.key=value, "
+                              "e.g. --only method.name=ffa")
+        if "," in text and not text.startswith("["):  # method.name=lora,ffa: a list of words
+            value = [_word(w.strip()) for w in text.split(",")]
+        else:
+            raw: dict[str, Any] = {}
+            apply_override(raw, item)
+            value = _flat(raw, "--only ")[key]
+        if grid.select and key in grid.select.over:
+            raise ConfigError(f"--only {item!r}: {key} is what [select] chooses on the validation "
+                              "split, so it cannot be fixed in advance — filter on another key")
+        grid.only.setdefault(key, []).extend(value if isinstance(value, list) else [value])
+    runs = grid.runs()
+    for key, allowed in grid.only.items():
+        values = list(dict.fromkeys(repr(flat_config(r.config)[key]) for r in runs))
+        if not any(_matches(flat_config(r.config)[key], allowed) for r in runs):
+            raise ConfigError(f"--only {key}={allowed!r} keeps no run: the grid's {key} takes "
+                              f"{', '.join(values)} — give one of those")
+    if not grid.kept(runs):
+        raise ConfigError(f"--only {grid.only!r}: no run of the grid matches every filter "
+                          "at once — drop one (`fedlora sweep --dry-run` lists the runs)")
 
 
 def _seed(setting: dict[str, Any]) -> tuple:
@@ -285,12 +351,14 @@ def _default(key: str) -> str:
     return json.dumps(value)
 
 
-def name_keys(settings: list[dict[str, Any]]) -> list[str]:
+def name_keys(settings: list[dict[str, Any]], always: list[str] = ()) -> list[str]:
     """The keys whose values differ between these settings (a key some settings do not set
-    counts as differing), the method first and the seed last."""
+    counts as differing) and those of `always` the settings set, the method first and the
+    seed last."""
     keys = list(dict.fromkeys(k for s in settings for k in s))
     missing = object()
-    varied = [k for k in keys if len({repr(s.get(k, missing)) for s in settings}) > 1]
+    varied = [k for k in keys
+              if k in always or len({repr(s.get(k, missing)) for s in settings}) > 1]
     return sorted(varied, key=lambda k: (k != "method.name", k == "seed"))
 
 

@@ -82,8 +82,8 @@ def sweep(grid: Grid, out: str | Path | None = None, *,
     say = progress or (lambda _: None)
     i, n = shard or (0, 1)
     out = out_dir(grid, out)
-    final = grid.runs()
-    planned = grid.selection_runs() if grid.select else []
+    final = grid.kept(grid.runs())
+    planned = grid.kept(grid.selection_runs(), selection=True) if grid.select else []
     finals = final_count(grid, final) if grid.select else len(final)
     total = len(planned[i::n]) + len(range(i, finals, n))
     chosen_in = select_dir(grid, out)
@@ -106,8 +106,8 @@ def sweep(grid: Grid, out: str | Path | None = None, *,
             [chosen_in / run.name for run in planned]
         copies = {identity(r.config): f for r, f in zip(planned, folders)}
         selection = _choose(grid, out, planned, folders, say)
-        final = grid.final_runs(lambda config: sel.lookup(grid.select, selection,
-                                                          flat_config(config)))
+        final = grid.kept(grid.final_runs(lambda config: sel.lookup(grid.select, selection,
+                                                                    flat_config(config))))
     folders = [_run_one(run, out, tracker, "", copies) for run in final[i::n]]
     c = tracker.counts
     say(f"sweep{f' shard {i + 1}/{n}' if n > 1 else ''} done in "
@@ -134,8 +134,8 @@ def _dry_run(grid: Grid, out: Path, chosen_in: Path, planned: list[Run], final: 
             return
         choices = sel.choose(grid.select, _scores(grid, planned, folders))
         say(f"  chosen on {grid.select.metric}: {sel.summary_line(grid.select, choices)}")
-        final = grid.final_runs(lambda config: sel.lookup(grid.select, choices,
-                                                          flat_config(config)))
+        final = grid.kept(grid.final_runs(lambda config: sel.lookup(grid.select, choices,
+                                                                    flat_config(config))))
     for run in final[i::n]:
         say(f"  {_state(out / run.name, run.config)}  {run.name}")
 
