@@ -14,7 +14,7 @@ import pytest
 
 from fedlora.cli import main
 from fedlora.config import config_to_toml, load_config
-from fedlora.study import plots
+from fedlora.study import paired, plots
 from fedlora.study.report import build, describe, write_report
 from fedlora.study.runs import ReportError, find_runs
 from fedlora.study.table import SPLIT, bytes_to_target, default_target, group
@@ -160,8 +160,8 @@ def test_report_files_are_written(study, tmp_path, capsys):
     assert main(["report", str(study), "--out", str(tmp_path / "rep"), "--target", "0.6"]) == 0
     out = tmp_path / "rep"
     assert {p.name for p in out.iterdir()} == {
-        "results.csv", "results.md", "communication.csv", "report.md", "accuracy_per_round.png",
-        "accuracy_vs_epsilon.png", "accuracy_vs_bytes.png"}
+        "results.csv", "results.md", "communication.csv", "paired.csv", "report.md",
+        "accuracy_per_round.png", "accuracy_vs_epsilon.png", "accuracy_vs_bytes.png"}
     w, h = plots.SIZE
     assert png_size(out / "accuracy_vs_epsilon.png") == (int(w * plots.DPI), int(h * plots.DPI))
     assert png_size(out / "accuracy_per_round.png")[0] > png_size(out / "accuracy_vs_bytes.png")[0]
@@ -255,3 +255,32 @@ def test_a_key_set_per_method_is_a_column_not_a_factor(tmp_path):
     assert line1.startswith("method ∈ {ffa, lora} × ε ∈ {3, ∞}, lr per setting (in the table)")
     fig = plots.accuracy_versus(table, "privacy.epsilon", "t")
     assert sorted(c.get_label() for c in fig.axes[0].containers) == ["ffa", "lora"]
+
+
+def test_paired_differences_by_hand(study, tmp_path):
+    """ffa − lora seed by seed, from CURVES: ε = 3: +0.12, +0.04, −0.04; ε = ∞: seeds 0 and 1
+    only (ffa has no seed 2): −0.02, −0.06."""
+    found = {p.setting["privacy.epsilon"]: p for p in paired.pairs(group(find_runs([study])))}
+    assert set(found) == {3.0, math.inf}
+    three, inf = found[3.0], found[math.inf]
+    assert (three.method, three.baseline, three.seeds) == ("ffa", "lora", [0, 1, 2])
+    assert three.diffs == pytest.approx([0.12, 0.04, -0.04])
+    assert three.mean_std == (pytest.approx(0.04), pytest.approx(0.08))  # √((.08² + 0 + .08²)/2)
+    assert (three.wins, three.t) == (2, pytest.approx(0.04 / (0.08 / math.sqrt(3))))
+    assert inf.seeds == [0, 1] and inf.diffs == pytest.approx([-0.02, -0.06])
+    assert inf.mean_std == (pytest.approx(-0.04), pytest.approx(math.sqrt(0.0008)))
+    assert inf.wins == 0
+    write_report([study], tmp_path / "r", progress=None)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "## Paired by seed: each method against lora" in md
+    assert "| 3 | ffa − lora | 0, 1, 2 | +0.120 / +0.040 / -0.040 | +0.040 ± 0.080 | 2 of 3 | 0.87 |" in md
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "r" / "paired.csv").read_text())))
+    assert len(rows) == 5 and float(rows[0]["test_accuracy_difference"]) == pytest.approx(0.12)
+
+
+def test_no_pairs_without_two_methods(tmp_path):
+    for seed, acc in [(0, 0.6), (1, 0.7)]:
+        write_run(tmp_path / "s" / f"r{seed}", [f"seed={seed}", "privacy.epsilon=3"], [acc])
+        write_run(tmp_path / "s" / f"q{seed}", [f"seed={seed}", "privacy.epsilon=1"], [acc])
+    assert paired.pairs(group(find_runs([tmp_path / "s"]))) == []
+    assert "paired.csv" not in build([tmp_path / "s"])
