@@ -129,6 +129,7 @@ def test_figures_show_the_numbers_with_labels(study):
     assert ax.get_xlabel().startswith("privacy budget ε") and "δ = 1e-05" in ax.get_xlabel()
     assert ax.get_ylabel() == plots.ACCURACY and ax.get_title() and fig._suptitle.get_text() == title
     assert [t.get_text() for t in ax.get_xticklabels()] == ["3", "∞\n(no DP)"]
+    assert "over 2–3 seeds per setting" in ax.get_title()  # ffa at ε = ∞ has 2 seeds, the rest 3
     lines = {c.get_label(): c.lines[0].get_ydata() for c in ax.containers}
     assert list(lines["ffa"]) == pytest.approx([0.64, 0.76])
     assert list(lines["lora"]) == pytest.approx([0.60, 0.81])
@@ -148,6 +149,14 @@ def test_figures_show_the_numbers_with_labels(study):
     fig = plots.accuracy_versus_bytes(table, title, 0.6)
     ffa3 = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "ffa · ε=3"][0]
     assert list(ffa3.get_xdata()) == pytest.approx([1e-4, 2e-4, 3e-4])  # MB so far, up + down
+
+
+def test_a_long_title_is_wrapped_to_the_figure():
+    line1 = "method ∈ {" + ", ".join(f"m{i}" for i in range(40)) + "} — model on data"
+    fig, _ = plots.figure(line1 + "\nsetup")
+    lines = fig._suptitle.get_text().split("\n")
+    assert len(lines) > 2 and lines[-1] == "setup"
+    assert " ".join(lines[:-1]) == line1 and max(map(len, lines)) <= int(plots.SIZE[0] * 13)
 
 
 def png_size(path: Path) -> tuple[int, int]:

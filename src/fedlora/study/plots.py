@@ -7,6 +7,7 @@ is the mean over seeds and its bar or band ± one sample standard deviation.
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any
 
 from matplotlib import colormaps
@@ -25,7 +26,9 @@ def figure(suptitle: str, panels: int = 1) -> tuple[Figure, list]:
     width = SIZE[0] if panels == 1 else min(4.2 * panels, 17.0)
     fig = Figure(figsize=(width, SIZE[1]), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, panels, sharey=True, squeeze=False)[0].tolist()
-    fig.suptitle(suptitle, fontsize=10)
+    chars = int(width * 13)  # ~characters of a 10-pt title line across the figure
+    fig.suptitle("\n".join(textwrap.fill(line, chars) for line in suptitle.split("\n")),
+                 fontsize=10)
     return fig, axes
 
 
@@ -52,7 +55,11 @@ def _majority(table: Table, ax) -> None:
 
 
 def _seeds(table: Table) -> str:
-    n = len(table.seeds)
+    counts = sorted({len(row.runs) for row in table.rows})
+    if len(counts) > 1:  # e.g. a study's new settings beside another's 3-seed runs
+        return (f"mean ± std over {counts[0]}–{counts[-1]} seeds per setting; "
+                "no whisker: one seed")
+    n = counts[0]
     return f"mean ± std over {n} seeds" if n > 1 else "one seed (no spread)"
 
 
@@ -126,7 +133,7 @@ def accuracy_versus(table: Table, key: str, suptitle: str) -> Figure:
         shift = (i - (len(lines) - 1) / 2) * 0.04
         xs = [_dodge(position[r.setting[key]], shift, categorical, logx) for r in rows]
         ax.errorbar(xs, [m for m, _ in stats],
-                    yerr=[0 if math.isnan(s) else s for _, s in stats], marker="o", capsize=4,
+                    yerr=[s for _, s in stats], marker="o", capsize=4,
                     color=colors[lab], label=lab)
     _majority(table, ax)
     if categorical:
@@ -161,7 +168,7 @@ def accuracy_by_split(table: Table, suptitle: str) -> Figure:
                 m, s = by_split[split].stat(lambda run: run.summary.get("test_accuracy"))
                 xs.append(j - 0.4 + width * (i + 0.5))
                 means.append(m)
-                errs.append(0 if math.isnan(s) else s)
+                errs.append(s)  # NaN (one seed): no whisker rather than a flat one
         ax.bar(xs, means, width=width * 0.95, yerr=errs, capsize=3, color=colors[lab], label=lab)
     _majority(table, ax)
     ax.set_xticks(range(len(splits)), splits)
