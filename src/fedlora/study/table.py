@@ -244,29 +244,41 @@ def default_target(table: Table) -> float:
     return math.floor(min(peaks) * 1000) / 1000 if peaks else math.nan
 
 
+def first_hit(run, target: float) -> tuple[int, float, bool] | None:
+    """(round, bytes sent so far, exact) at the first scored round with test accuracy ≥ target;
+    `exact` is False when the round before it was not scored (federation.eval_every > 1), so
+    the target may have been reached earlier: the figures are then upper bounds."""
+    scored = [rnd for rnd, _, _ in run.curve()]
+    for rnd, acc, sent in run.curve():
+        if acc >= target:
+            return rnd, float(sent), rnd == 1 or (rnd - 1) in scored
+    return None
+
+
 def bytes_to_target(row: Row, target: float) -> tuple[list[float], int]:
     """Bytes (up + down) each run had sent when it first reached `target` test accuracy, and how
     many of the row's runs reached it at all."""
-    reached = []
-    for run in row.runs:
-        hit = next((sent for _, acc, sent in run.curve() if acc >= target), None)
-        if hit is not None:
-            reached.append(float(hit))
-    return reached, len(row.runs)
+    hits = [first_hit(run, target) for run in row.runs]
+    return [h[1] for h in hits if h is not None], len(row.runs)
+
+
+def _to_target(row: Row, target: float) -> tuple[list[float], list[float], bool]:
+    """Bytes and rounds of the runs that reached the target, and whether any is an upper bound."""
+    hits = [h for h in (first_hit(run, target) for run in row.runs) if h is not None]
+    return [h[1] for h in hits], [float(h[0]) for h in hits], any(not h[2] for h in hits)
 
 
 def communication_csv(table: Table, target: float) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow([*table.keys, "target_accuracy", "runs", "runs_reached", "bytes_to_target_mean",
-                "bytes_to_target_std", "rounds_to_target_mean"])
+                "bytes_to_target_std", "rounds_to_target_mean", "upper_bound"])
     for row in table.rows:
-        reached, n = bytes_to_target(row, target)
-        m, s = mean_std(reached)
-        rounds = [next((rnd for rnd, acc, _ in run.curve() if acc >= target), None) for run in row.runs]
-        rm, _ = mean_std([float(r) for r in rounds if r is not None])
-        w.writerow([*(show(row.setting[k]) for k in table.keys), repr(target), n, len(reached),
-                    _num(m), _num(s), _num(rm)])
+        sent, rounds, bound = _to_target(row, target)
+        m, s = mean_std(sent)
+        rm, _ = mean_std(rounds)
+        w.writerow([*(show(row.setting[k]) for k in table.keys), repr(target), len(row.runs),
+                    len(sent), _num(m), _num(s), _num(rm), str(bound).lower()])
     return buf.getvalue()
 
 
@@ -274,12 +286,18 @@ def communication_markdown(table: Table, target: float) -> str:
     head = [*(name(k) for k in table.keys), "runs reaching it", "MB sent (up + down) to reach it",
             "rounds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    any_bound = False
     for row in table.rows:
-        reached, n = bytes_to_target(row, target)
-        m, s = mean_std([b / 1e6 for b in reached])
-        rounds = [next((rnd for rnd, acc, _ in run.curve() if acc >= target), None) for run in row.runs]
-        rm, _ = mean_std([float(r) for r in rounds if r is not None])
+        sent, rounds, bound = _to_target(row, target)
+        any_bound |= bound
+        m, s = mean_std([b / 1e6 for b in sent])
+        rm, _ = mean_std(rounds)
+        le = "≤ " if bound else ""
         lines.append("| " + " | ".join([*(show(row.setting[k]) for k in table.keys),
-                                         f"{len(reached)}/{n}", pm(m, s, 2) if reached else "not reached",
-                                         "–" if math.isnan(rm) else f"{rm:.1f}"]) + " |")
-    return "\n".join(lines) + "\n"
+                                         f"{len(sent)}/{len(row.runs)}",
+                                         le + pm(m, s, 2) if sent else "not reached",
+                                         "–" if math.isnan(rm) else f"{le}{rm:.1f}"]) + " |")
+    note = ("\n≤: some of these runs were not scored after every round (`federation.eval_every`), "
+            "so the target may have been reached before the first scored round that shows it: "
+            "an upper bound.\n" if any_bound else "")
+    return "\n".join(lines) + "\n" + note
