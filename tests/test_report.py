@@ -283,9 +283,18 @@ def test_paired_differences_by_hand(study, tmp_path):
     write_report([study], tmp_path / "r", progress=None)
     md = (tmp_path / "r" / "report.md").read_text()
     assert "## Paired by seed: each method against lora" in md
-    assert "| 3 | ffa − lora | 0, 1, 2 | +0.120 / +0.040 / -0.040 | +0.040 ± 0.080 | 2 of 3 | 0.87 |" in md
+    assert "| 3 | ffa − lora | 0, 1, 2 | +0.120 / +0.040 / -0.040 | +0.040 ± 0.080 | 2 of 3 | 0.87 | 4.30 |" in md
     rows = list(csv.DictReader(io.StringIO((tmp_path / "r" / "paired.csv").read_text())))
     assert len(rows) == 5 and float(rows[0]["test_accuracy_difference"]) == pytest.approx(0.12)
+
+
+def test_t_needed_matches_scipy():
+    """The 5% two-sided critical |t| against scipy's Student t; past the table, never below it."""
+    stats = pytest.importorskip("scipy.stats")
+    for n in range(2, 32):
+        assert paired.t_needed(n) == pytest.approx(stats.t.ppf(0.975, n - 1), abs=6e-4)
+    assert paired.t_needed(100) >= stats.t.ppf(0.975, 99)
+    assert math.isnan(paired.t_needed(1))
 
 
 def test_no_pairs_without_two_methods(tmp_path):

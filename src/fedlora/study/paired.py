@@ -8,8 +8,9 @@ other than the baseline b (`lora`, FedIT, when present; else the first method):
     d_s = acc_m(s) − acc_b(s)           over the seeds s both have (final test accuracy)
     mean ± sample std of d_s, how many d_s > 0, and the paired t = mean / (std / √n)
 
-With n seeds, t has n − 1 degrees of freedom (|t| > 4.30 at n = 3, 2.78 at n = 5 for 5%
-two-sided); we print t and leave the verdict to the reader.
+With n seeds, t has n − 1 degrees of freedom; beside t we print the |t| a 5% two-sided test
+would need at that n (12.71 at n = 2, 4.30 at n = 3, 2.78 at n = 5: few seeds need a large t)
+and leave the verdict to the reader.
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ from fedlora.study.table import Row, Table, mean_std, name, show
 
 METHOD = "method.name"
 BASELINE = "lora"
+
+# Student's t, 97.5% quantile, for 1 … 30 degrees of freedom (scipy.stats.t.ppf(0.975, df);
+# the tests check it). Past 30 we keep 30's value, slightly above the true one: never too lenient.
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_needed(n: int) -> float:
+    """The |t| a paired t-test of n differences needs for 5% two-sided; nan below n = 2."""
+    return T_975[min(n - 1, len(T_975)) - 1] if n >= 2 else math.nan
 
 
 @dataclass
@@ -99,7 +111,8 @@ def to_markdown(found: list[Pair]) -> str:
         return ""
     keys = list(found[0].setting)
     head = [name(k) for k in keys] + ["method − baseline", "seeds", "difference per seed",
-                                      "mean ± std", "ahead in", "paired t"]
+                                      "mean ± std", "ahead in", "paired t",
+                                      "|t| needed (5%)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in found:
         m, s = p.mean_std
@@ -107,6 +120,7 @@ def to_markdown(found: list[Pair]) -> str:
             f"{p.method} − {p.baseline}", ", ".join(map(str, p.seeds)),
             " / ".join(f"{d:+.3f}" for d in p.diffs),
             f"{m:+.3f} ± " + ("–" if math.isnan(s) else f"{s:.3f}"),
-            f"{p.wins} of {len(p.diffs)}", "–" if math.isnan(p.t) else f"{p.t:.2f}"]
+            f"{p.wins} of {len(p.diffs)}", "–" if math.isnan(p.t) else f"{p.t:.2f}",
+            "–" if len(p.diffs) < 2 else f"{t_needed(len(p.diffs)):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -120,8 +120,8 @@ def _markdown(table: Table, line1: str, line2: str, dirs, target: float, auto: b
                 "Runs with the same seed share the client split, the A matrices, the head's "
                 "initialisation and the batch order, so the difference of two methods' final "
                 "test accuracies, seed by seed, is free of most of the seed-to-seed spread. "
-                "Paired t = mean / (std / √n) on n − 1 degrees of freedom (5% two-sided: |t| > 4.30 "
-                "at n = 3 seeds, 2.78 at n = 5).", "", paired.to_markdown(found)]
+                "Paired t = mean / (std / √n) on n − 1 degrees of freedom; the last column is the "
+                "|t| a 5% two-sided test needs with that many seeds.", "", paired.to_markdown(found)]
     out += ["## Plots", ""]
     out += [f"![{f[:-4].replace('_', ' ')}]({f})" for f in figures]
     return "\n".join(out) + "\n"
