@@ -222,11 +222,15 @@ def test_ledger_forgets_checkpointed_rounds_but_never_what_was_spent(tmp_path):
 
 
 def test_resume_may_change_threads_only(tmp_path, overrides, interrupt_in_round):
-    """`--resume DIR threads=2` applies on top of the saved config; anything else is refused."""
+    """`--resume DIR threads=2` applies on top of the saved config; anything else is refused.
+    The summary's wall time counts the interrupted attempt's seconds up to its checkpoint."""
     interrupt_in_round(tmp_path / "run", overrides)
+    from fedlora.federation.checkpoint import FILENAME, load_checkpoint
+    before = load_checkpoint(tmp_path / "run.partial" / FILENAME).meta["seconds"]
     lines = []
     summary = fedlora.run(resume=tmp_path / "run", overrides=["threads=2"], progress=lines.append)
     assert summary["rounds"] == 3 and any("resuming after round 1 of 3" in x for x in lines)
+    assert summary["wall_seconds"] > before > 0  # the first attempt's time is counted
     import torch
     assert torch.get_num_threads() == 2
     torch.set_num_threads(1)

@@ -200,7 +200,8 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
         say(report.round_line(record, config))
 
     def save(state: FederationState) -> None:
-        ckpt.save_checkpoint(folder.path(ckpt.FILENAME), config, state, clients)
+        ckpt.save_checkpoint(folder.path(ckpt.FILENAME), config, state, clients,
+                             seconds=state.seconds_before + time.perf_counter() - start)
         transport.checkpointed(len(state.history))
 
     if saved is not None:  # what the checkpoint holds will never be asked for again
@@ -212,7 +213,9 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
     run_rounds(server.method, state, transport, plan, server.evaluate, on_round,
                validator=validator, checkpoint=save, on_center=on_center, timings=timings)
     export_adapter(server, state, folder.path("adapter"), clients)
-    summary = build_summary(server, state, facts(), time.perf_counter() - start)
+    # after a resume: the earlier attempts' time up to their last checkpoint, plus this one's
+    summary = build_summary(server, state, facts(),
+                            state.seconds_before + time.perf_counter() - start)
     if initial is not None:
         summary["initial"] = initial
     folder.write_json("summary.json", summary)

@@ -7,7 +7,7 @@ A checkpoint after round r holds everything the rest of the run depends on:
   accountant's history (a client in a deployment keeps these itself; the server part stands
   alone: `clients` may be empty);
 * the loop's accumulators — per-client ε and steps, byte totals, the metrics history (whose
-  length is the next round);
+  length is the next round), the wall seconds so far;
 * the torch RNG state. Every random stream of a round is seeded from
   `derive_seed(seed, tag, client, round)`, so this is belt and braces;
 * the digest of the config it belongs to, and a SHA-256 over all of the above: a truncated or
@@ -63,7 +63,10 @@ class Checkpoint:
         return len(self.meta["history"])
 
 
-def save_checkpoint(path: str | Path, config: Config, state: FederationState, clients=()) -> None:
+def save_checkpoint(path: str | Path, config: Config, state: FederationState, clients=(),
+                    seconds: float = 0.0) -> None:
+    """`seconds`: the run's wall time so far, earlier attempts included (the summary's total
+    after a resume)."""
     tensors = {f"adapter/{k}": v for k, v in state.glob.adapter.items()}
     tensors.update({f"base/{k}": v for k, v in state.glob.base_delta.items()})
     for c in clients:
@@ -79,6 +82,7 @@ def save_checkpoint(path: str | Path, config: Config, state: FederationState, cl
         "bytes_downloaded": state.bytes_downloaded,
         "history": state.history,
         "center": state.center,
+        "seconds": seconds,
         "clients": {str(c.cid): {"steps": c.steps, "accountant": c.privacy.accountant.state_dict()}
                     for c in clients},
     }
@@ -124,6 +128,7 @@ def restore(ckpt: Checkpoint, clients=()) -> FederationState:
         bytes_downloaded=int(m["bytes_downloaded"]),
         history=list(m["history"]),
         center=dict(m.get("center", {})),
+        seconds_before=float(m.get("seconds", 0.0)),
     )
     for c in clients:
         saved = m["clients"].get(str(c.cid))

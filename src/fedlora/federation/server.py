@@ -79,6 +79,7 @@ class FederationState:
     bytes_downloaded: int = 0
     history: list[dict] = field(default_factory=list)
     center: dict = field(default_factory=dict)  # what the centring query gave (see `centering`)
+    seconds_before: float = 0.0  # wall time of earlier attempts, each up to its last checkpoint
 
 
 class Evaluate(Protocol):
