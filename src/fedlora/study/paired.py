@@ -112,7 +112,7 @@ def to_markdown(found: list[Pair]) -> str:
     keys = list(found[0].setting)
     head = [name(k) for k in keys] + ["method − baseline", "seeds", "difference per seed",
                                       "mean ± std", "ahead in", "paired t",
-                                      "|t| needed (5%)"]
+                                      r"\|t\| needed (5%)"]  # escaped: a bare | splits a Markdown cell
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in found:
         m, s = p.mean_std
