@@ -285,7 +285,7 @@ def test_paired_differences_by_hand(study, tmp_path):
     assert "## Paired by seed: each method against lora" in md
     assert "| 3 | ffa − lora | 0, 1, 2 | +0.120 / +0.040 / -0.040 | +0.040 ± 0.080 | 2 of 3 | 0.87 | 4.30 |" in md
     header = next(line for line in md.splitlines() if "method − baseline" in line)
-    assert header.replace(r"\|", "").count("|") == 10  # 9 cells: no bare | inside one
+    assert header.replace(r"\|", "").count("|") == 9  # 8 cells: no bare | inside one
     rows = list(csv.DictReader(io.StringIO((tmp_path / "r" / "paired.csv").read_text())))
     assert len(rows) == 5 and float(rows[0]["test_accuracy_difference"]) == pytest.approx(0.12)
 
