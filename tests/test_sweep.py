@@ -254,6 +254,21 @@ def test_selection_chooses_each_methods_rate_on_validation(tmp_path, tiny_overri
     lines.clear()
     sweep(grid, tmp_path / "other", progress=lines.append, dry_run=True)
     assert lines[1:] == [x for x in lines_of_whole(raw, tmp_path / "other") if "lora" not in x]
+    # an --only sweep's record keeps the choices of complete groups it did not run (lora's)...
+    raw["privacy"] = {"epsilon": [3.0]}
+    grid = parse_grid(raw)
+    parse_only(grid, ["method.name=ffa"])
+    sweep(grid, tmp_path / "other", progress=None)
+    assert json.loads((tmp_path / "other" / "selection.json").read_text()) == on_disk | {
+        "grid": {"seed": [0], "privacy.epsilon": [3.0]}}
+    # ...but never a choice made on an incomplete group
+    (shared / "method=lora,lr=0.05").rename(tmp_path / "away")
+    grid = parse_grid(raw)
+    parse_only(grid, ["method.name=ffa"])
+    sweep(grid, tmp_path / "other", progress=None)
+    record = json.loads((tmp_path / "other" / "selection.json").read_text())
+    assert [g["group"] for g in record["groups"]] == [{"method.name": "ffa"}]
+    assert "lora" not in (tmp_path / "other" / "selection.md").read_text()
 
 
 def lines_of_whole(raw: dict, out) -> list[str]:

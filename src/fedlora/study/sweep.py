@@ -105,7 +105,7 @@ def sweep(grid: Grid, out: str | Path | None = None, *,
         folders = _await_selection(planned, chosen_in, say, poll_s) if n > 1 else \
             [chosen_in / run.name for run in planned]
         copies = {identity(r.config): f for r, f in zip(planned, folders)}
-        selection = _choose(grid, out, planned, folders, say)
+        selection = _choose(grid, out, chosen_in, planned, folders, say)
         final = grid.kept(grid.final_runs(lambda config: sel.lookup(grid.select, selection,
                                                                     flat_config(config))))
     folders = [_run_one(run, out, tracker, "", copies) for run in final[i::n]]
@@ -264,16 +264,41 @@ def _run_one(run: Run, out: Path, tracker: Progress, label: str,
     return folder
 
 
-def _choose(grid: Grid, out: Path, runs: list[Run], folders: list[Path],
+def _choose(grid: Grid, out: Path, chosen_in: Path, runs: list[Run], folders: list[Path],
             say: Callable[[str], None]) -> list[sel.Choice]:
+    """This sweep's choices, from its selection runs. The record written to OUT/selection.*
+    also keeps every other group of the whole grid whose selection runs are all complete, so a
+    sweep with `--only method.name=…` does not erase what an earlier one chose."""
     choices = sel.choose(grid.select, _scores(grid, runs, folders))
+    mine = {r.name for r in runs}
+    earlier = [(r, chosen_in / r.name) for r in _complete_groups(grid, chosen_in)
+               if r.name not in mine]
+    record = sel.choose(grid.select, _scores(grid, [*runs, *(r for r, _ in earlier)],
+                                             [*folders, *(f for _, f in earlier)]))
+    order = list(dict.fromkeys(_group(grid, flat_config(r.config)) for r in grid.selection_runs()))
+    record.sort(key=lambda c: order.index(_group(grid, c.group)))  # the grid's order
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "selection.json", (json.dumps(
-        _jsonable(sel.to_json(grid.select, choices)), indent=2) + "\n").encode())
-    atomic_write_bytes(out / "selection.md", sel.to_markdown(grid.select, choices).encode())
+        _jsonable(sel.to_json(grid.select, record)), indent=2) + "\n").encode())
+    atomic_write_bytes(out / "selection.md", sel.to_markdown(grid.select, record).encode())
     say(f"chosen on {grid.select.metric}: {sel.summary_line(grid.select, choices)} "
         f"(details: {out / 'selection.md'})")
     return choices
+
+
+def _complete_groups(grid: Grid, chosen_in: Path) -> list[Run]:
+    """The whole grid's selection runs in groups (of `select.per`) whose every run is complete."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in grid.selection_runs():
+        groups.setdefault(_group(grid, flat_config(run.config)), []).append(run)
+    return [r for runs in groups.values()
+            if all((chosen_in / r.name).is_dir() and _same_config(chosen_in / r.name, r.config)
+                   is None for r in runs) for r in runs]
+
+
+def _group(grid: Grid, values: dict) -> tuple:
+    """The group (values of `select.per`) of a flat config, hashable."""
+    return tuple(repr(values[k]) for k in grid.select.per)
 
 
 def _scores(grid: Grid, runs: list[Run], folders: list[Path]) -> list[tuple]:
