@@ -290,6 +290,15 @@ def test_paired_differences_by_hand(study, tmp_path):
     assert len(rows) == 5 and float(rows[0]["test_accuracy_difference"]) == pytest.approx(0.12)
 
 
+def test_title_lists_values_in_order_whatever_the_rows(tmp_path):
+    """A method with only ε = 6 sorts first; the title still reads ε ∈ {1, 6, ∞}."""
+    write_run(tmp_path / "s" / "a6", ["method.name=fair", "privacy.epsilon=6"], [0.6])
+    for eps in ["inf", "1", "6"]:
+        write_run(tmp_path / "s" / f"b{eps}", ["method.name=lora", f"privacy.epsilon={eps}"], [0.6])
+    line1, _ = describe(group(find_runs([tmp_path / "s"])))
+    assert line1.startswith("method ∈ {fair, lora} × ε ∈ {1, 6, ∞} — ")
+
+
 def test_t_needed_matches_scipy():
     """The 5% two-sided critical |t| against scipy's Student t; past the table, never below it."""
     stats = pytest.importorskip("scipy.stats")

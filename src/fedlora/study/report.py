@@ -25,15 +25,20 @@ from fedlora.fsutil import atomic_write_bytes
 from fedlora.study import paired, plots
 from fedlora.study.runs import ReportError, find_runs
 from fedlora.study.table import (SPLIT, Table, communication_csv, communication_markdown,
-                                 default_target, group, name, show, to_csv, to_markdown)
+                                 default_target, group, name, show, to_csv, to_markdown,
+                                 value_order)
+
+
+def _values(table: Table, key: str) -> list[str]:
+    """A factor's values in their natural order (ε: 1, 3, 6, ∞), each once."""
+    rows = sorted(table.rows, key=lambda r: value_order(key, r.setting[key], r.runs[0].flat))
+    return list(dict.fromkeys(show(r.setting[key]) for r in rows))
 
 
 def describe(table: Table) -> tuple[str, str]:
     """(what varied, on what), (the fixed setup): the two title lines of every figure."""
     f = table.fixed
-    varied = " × ".join(
-        f"{name(k)} ∈ {{{', '.join(dict.fromkeys(show(r.setting[k]) for r in table.rows))}}}"
-        for k in table.factors)
+    varied = " × ".join(f"{name(k)} ∈ {{{', '.join(_values(table, k))}}}" for k in table.factors)
     varied += "".join(f", {name(k)} per setting (in the table)"
                       for k in table.keys if k not in table.factors)
     what = " ".join(x for x in [f.get("method.name"), varied] if x)

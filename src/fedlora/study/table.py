@@ -136,7 +136,7 @@ def group(runs: list[RunResult]) -> Table:
         seen[ident + (run.flat["seed"],)] = str(run.path)
         rows.setdefault(ident, Row(setting, [])).runs.append(run)
     ordered = sorted(rows.values(), key=lambda row: tuple(
-        _order(k, row.setting[k], row.runs[0].flat) for k in keys))
+        value_order(k, row.setting[k], row.runs[0].flat) for k in keys))
     fixed = {k: v for k, v in flats[0].items() if k not in IGNORED and k not in raw}
     if SPLIT not in keys:
         fixed[SPLIT] = split_label(flats[0])
@@ -144,7 +144,8 @@ def group(runs: list[RunResult]) -> Table:
     return Table(keys, ordered, fixed, seeds)
 
 
-def _order(key: str, value: Any, flat: dict[str, Any]) -> tuple:
+def value_order(key: str, value: Any, flat: dict[str, Any]) -> tuple:
+    """Sort key of a factor's value: numbers ascending (∞ last), then words; splits by skew."""
     if key == SPLIT:
         return split_order(flat)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
