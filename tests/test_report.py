@@ -144,6 +144,11 @@ def test_figures_show_the_numbers_with_labels(study):
     assert list(lora3.get_xdata()) == [1, 2, 3]
     assert list(lora3.get_ydata()) == pytest.approx([(0.5 + 0.55 + 0.65) / 3, 0.6, 0.6])
     assert len(fig.axes[0].collections) == 2  # a band over seeds per line
+    # a method run at ε = ∞ only is named in the one legend, on the ε = 3 panel
+    write_run(study / "fair-inf", ["method.name=fair", "privacy.epsilon=inf", "seed=0"], [0.7])
+    fig = plots.accuracy_per_round(group(find_runs([study])), title)
+    assert "fair" not in [ln.get_label() for ln in fig.axes[0].get_lines()]
+    assert {"fair", "ffa", "lora"} <= {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
     assert not any(ln.get_label() == "_subset" for a in fig.axes for ln in a.get_lines())
     assert plots.SUBSET not in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
 

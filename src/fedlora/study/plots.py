@@ -82,6 +82,16 @@ def _subset_legend_entry(table: Table, ax) -> None:
                 markeredgecolor="grey", label=SUBSET)
 
 
+def _legend_of_all_panels(axes) -> None:
+    """One legend, on the first panel, naming every series of every panel: a method run at
+    one ε only (say ε = 3) must be named even when the first panel (ε = 1) lacks it."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    axes[0].legend(list(entries.values()), list(entries), fontsize=7, loc="best")
+
+
 def accuracy_per_round(table: Table, suptitle: str) -> Figure:
     """Test accuracy after each round; one panel per ε when ε varies."""
     panel_key = EPSILON if table.has(EPSILON) else None
@@ -111,7 +121,7 @@ def accuracy_per_round(table: Table, suptitle: str) -> Figure:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(ACCURACY)
     _subset_legend_entry(table, axes[0])
-    axes[0].legend(fontsize=7, loc="best")
+    _legend_of_all_panels(axes)
     if panel_key:
         fig.supxlabel(f"test accuracy after each round ({_seeds(table)}; band: ± std)", fontsize=9)
     return fig
