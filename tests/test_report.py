@@ -157,6 +157,16 @@ def test_figures_show_the_numbers_with_labels(study):
     assert list(ffa3.get_xdata()) == pytest.approx([1e-4, 2e-4, 3e-4])  # MB so far, up + down
 
 
+def test_log_axis_minor_labels_do_not_collide():
+    """Within a decade every minor tick is labelled; across 2 decades only 2× and 5×; across
+    3 or more none (0.8, 0.9 and 1 were printed on top of each other)."""
+    def labels(lo, hi, ticks):
+        return [plots._minor_label(lo, hi)(x, None) for x in ticks]
+    assert labels(2, 9, [3, 4, 0.6]) == ["3", "4", "0.6"]
+    assert labels(0.9, 50, [0.2, 0.3, 0.5, 2, 8, 9, 20, 50]) == ["0.2", "", "0.5", "2", "", "", "20", "50"]
+    assert labels(0.9, 1000, [2, 5, 20]) == ["", "", ""]
+
+
 def test_a_long_title_is_wrapped_to_the_figure():
     line1 = "method ∈ {" + ", ".join(f"m{i}" for i in range(40)) + "} — model on data"
     fig, _ = plots.figure(line1 + "\nsetup")

@@ -205,9 +205,8 @@ def accuracy_versus_bytes(table: Table, suptitle: str, target: float) -> Figure:
         ax.axhline(target, color="black", linestyle="--", linewidth=1,
                    label=f"target accuracy {target:.3f}")
     ax.set_xscale("log")
-    plain = FuncFormatter(lambda x, _: f"{x:g}")
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(_minor_label(*ax.get_xlim())))
     ax.set_xlabel("MB sent so far, uploads + downloads of all clients (log scale)")
     ax.set_ylabel(ACCURACY)
     n = len(table.seeds)
@@ -216,6 +215,18 @@ def accuracy_versus_bytes(table: Table, suptitle: str, target: float) -> Figure:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="best")
     return fig
+
+
+def _minor_label(lo: float, hi: float):
+    """Labels for a log axis' minor ticks that do not collide: all of them within one decade,
+    only 2× and 5× across a few, none across more (the decades alone are labelled)."""
+    decades = math.log10(hi / lo)
+    wanted = None if decades < 1 else ({2, 5} if decades < 2.5 else set())
+
+    def label(x: float, _) -> str:
+        mantissa = round(x / 10 ** math.floor(math.log10(x) + 1e-9))
+        return f"{x:g}" if wanted is None or mantissa in wanted else ""
+    return label
 
 
 def _dodge(x: float, shift: float, categorical: bool, logx: bool) -> float:
