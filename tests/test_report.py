@@ -331,6 +331,18 @@ def test_no_pairs_without_two_methods(tmp_path):
     assert "paired.csv" not in build([tmp_path / "s"])
 
 
+def test_pairs_are_listed_in_the_settings_order(tmp_path):
+    """fair ran at ε = 3 only and sorts first; the pairs still go ε = 1, 3, ∞."""
+    for eps in ["inf", "3", "1"]:
+        for method in ["lora", "ffa"]:
+            write_run(tmp_path / "s" / f"{method}{eps}", [f"method.name={method}",
+                                                          f"privacy.epsilon={eps}"], [0.6])
+    write_run(tmp_path / "s" / "fair3", ["method.name=fair", "privacy.epsilon=3"], [0.6])
+    found = paired.pairs(group(find_runs([tmp_path / "s"])))
+    assert [(p.setting["privacy.epsilon"], p.method) for p in found] == [
+        (1.0, "ffa"), (3.0, "fair"), (3.0, "ffa"), (math.inf, "ffa")]
+
+
 def test_rounds_to_target_is_an_upper_bound_when_rounds_were_not_scored(tmp_path):
     """eval_every = 3: only round 3 is scored, so "reached at round 3" may have happened sooner."""
     for seed in (0, 1):

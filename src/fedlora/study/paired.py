@@ -20,7 +20,7 @@ import io
 import math
 from dataclasses import dataclass
 
-from fedlora.study.table import Row, Table, mean_std, name, show
+from fedlora.study.table import Row, Table, mean_std, name, show, value_order
 
 METHOD = "method.name"
 BASELINE = "lora"
@@ -68,7 +68,9 @@ def pairs(table: Table) -> list[Pair]:
     baseline = BASELINE if BASELINE in methods else methods[0]
     others = [k for k in table.factors if k != METHOD]
     groups: dict[tuple, dict[str, Row]] = {}
-    for row in table.rows:
+    by_setting = sorted(table.rows, key=lambda r: tuple(  # ε 1, 3, 6, ∞; methods as they were
+        value_order(k, r.setting[k], r.runs[0].flat) for k in others))
+    for row in by_setting:
         key = tuple(repr(row.setting[k]) for k in others)
         groups.setdefault(key, {})[row.setting[METHOD]] = row
     out = []
