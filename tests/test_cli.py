@@ -96,3 +96,17 @@ def test_cli_run_prints_rounds_and_summary(tmp_path, capsys, tiny_overrides):
     assert "round   1/2" in out and "round   2/2" in out
     assert "test accuracy" in out and "ε spent" in out
     assert (tmp_path / "r" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("acc, warned", [(0.578, True), (0.422, True), (0.582, True), (0.6, False)])
+def test_summary_warns_when_the_model_learnt_nothing(acc, warned):
+    """At or below the majority class's accuracy (+0.005), the summary says so and what to try."""
+    from fedlora.report import summary_table
+    s = {"method": "lora", "test_accuracy": acc, "test_loss": 0.69, "majority_accuracy": 0.578,
+         "epsilon": 3.0, "epsilon_target": 3.0, "delta": 1e-5, "accountant": "rdp",
+         "epsilon_per_client": [3.0], "noise_multiplier": [1.0], "rounds": 5, "rounds_planned": 5,
+         "steps": [20], "trainable_parameters": 10, "bytes_uploaded": 1, "bytes_downloaded": 1,
+         "wall_seconds": 1.0}
+    text = summary_table(s)
+    assert ("no better than always answering the majority class (0.5780)" in text) == warned
+    assert ("smaller train.lr or method.alpha" in text) == warned

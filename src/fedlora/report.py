@@ -113,4 +113,19 @@ def summary_table(s: dict[str, Any]) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     line = "─" * (width + 40)
-    return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
+    return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line, *_learnt_nothing(s)])
+
+
+# a test accuracy this close to the majority class's (or below it) is a model that answers
+# (almost) always the same: seen at a too-large rate or α (docs/study.md, study 2)
+MAJORITY_MARGIN = 0.005
+
+
+def _learnt_nothing(s: dict[str, Any]) -> list[str]:
+    """A warning when the final test accuracy is no better than always answering the majority."""
+    acc, majority = s.get("test_accuracy"), s.get("majority_accuracy")
+    if acc is None or majority is None or acc > majority + MAJORITY_MARGIN:
+        return []
+    return [f"warning: test accuracy {acc:.4f} is no better than always answering the majority "
+            f"class ({majority:.4f}) — the model learnt nothing usable; try a smaller train.lr "
+            "or method.alpha (docs/tuning.md)"]
