@@ -121,6 +121,49 @@ def test_bytes_to_reach_a_target_by_hand(study):
     assert default_target(table) == pytest.approx(0.6)
 
 
+def test_several_targets_give_the_one_target_figures_for_each(study, tmp_path, capsys):
+    """--target 0.6,0.65 (or --target repeated): communication.csv in long form, one row per
+    target and setting, each with the figures one target alone gives; one table and one dashed
+    line per target."""
+    files = build([study], target=[0.6, 0.65])
+    comm = {(r["target_accuracy"], r["method.name"], r["privacy.epsilon"]): r
+            for r in csv.DictReader(io.StringIO(files["communication.csv"]))}
+    assert len(comm) == 2 * 4
+    assert comm[("0.6", "lora", "3")]["runs_reached"] == "2"
+    assert float(comm[("0.6", "lora", "3")]["bytes_to_target_mean"]) == 225
+    # 0.65 by hand: lora only seed 2 (0.65 at round 1: 150 B); ffa only seed 2 (0.66: 100 B)
+    assert comm[("0.65", "lora", "3")]["runs_reached"] == "1"
+    assert float(comm[("0.65", "lora", "3")]["bytes_to_target_mean"]) == 150
+    assert float(comm[("0.65", "ffa", "3")]["bytes_to_target_mean"]) == 100
+    alone = build([study], target=0.65)["communication.csv"].splitlines()
+    assert set(alone[1:]) < set(files["communication.csv"].splitlines())
+    md = files["report.md"]
+    assert "test accuracy ≥ 0.600, 0.650" in md
+    assert "| target test accuracy | method | ε | runs reaching it |" in md
+    assert "| 0.650 | lora | 3 | 1/3 | 0.00 ± – | 1.0 |" in md
+    assert "| 0.600 | lora | 3 | 2/3 | 0.00 ± 0.00 | 1.5 |" in md
+    fig = plots.accuracy_versus_bytes(group(find_runs([study])), "t", [0.6, 0.65])
+    dashed = [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() == "--"]
+    assert sorted(ln.get_ydata()[0] for ln in dashed) == [0.6, 0.65]
+    assert "target accuracy 0.600, 0.650" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    # the command line: comma-separated and repeated are the same
+    assert main(["report", str(study), "--out", str(tmp_path / "a"), "--target", "0.6,0.65"]) == 0
+    assert main(["report", str(study), "--out", str(tmp_path / "b"),
+                 "--target", "0.6", "--target", "0.65"]) == 0
+    for out in ("a", "b"):
+        assert (tmp_path / out / "communication.csv").read_text() == files["communication.csv"]
+
+
+@pytest.mark.parametrize("given, problem", [("0.6,abc", "'abc' is not a number"),
+                                            ("0.6,1.5", "in (0, 1]"), ("nan", "in (0, 1]"),
+                                            ("0.6,", "'' is not a number")])
+def test_a_bad_target_is_refused_and_nothing_is_written(study, tmp_path, capsys, given, problem):
+    assert main(["report", str(study), "--out", str(tmp_path / "rep"), "--target", given]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and "--target" in err and err.count("\n") == 1
+    assert not (tmp_path / "rep").exists()
+
+
 def test_figures_show_the_numbers_with_labels(study):
     table = group(find_runs([study]))
     title = "\n".join(describe(table))

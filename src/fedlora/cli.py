@@ -52,9 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("dirs", nargs="+", metavar="DIR",
                      help="run folders, or folders of run folders (a sweep's out)")
     rep.add_argument("--out", help="where to write (default: DIR/report for one DIR)")
-    rep.add_argument("--target", type=float,
-                     help="test accuracy for the bytes-to-target table (default: the highest "
-                          "every setting reaches)")
+    rep.add_argument("--target", action="append", metavar="ACC[,ACC...]",
+                     help="test accuracy (or accuracies, comma-separated or repeated) for the "
+                          "bytes-to-target table (default: the highest every setting reaches)")
     from fedlora.federation.flower.cli import add_parser as add_flower
 
     add_flower(sub)
@@ -120,9 +120,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         sweep(grid, args.out, dry_run=args.dry_run, shard=shard)
         return 0
     if args.command == "report":
-        from fedlora.study.report import write_report
+        from fedlora.study.report import parse_targets, write_report
 
-        write_report(args.dirs, args.out, args.target)
+        write_report(args.dirs, args.out, parse_targets(args.target))
         return 0
     from fedlora.config import config_to_toml, load_config
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import textwrap
-from typing import Any
+from typing import Any, Sequence
 
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from fedlora.study.table import SPLIT, Row, Table, label, mean_std, name, show, split_order
+from fedlora.study.table import (SPLIT, Row, Table, as_targets, label, mean_std, name, show,
+                                 split_order)
 
 SIZE = (8.0, 5.0)   # inches; at DPI below, 880 × 550 pixels
 DPI = 110
@@ -192,8 +193,9 @@ def accuracy_by_split(table: Table, suptitle: str) -> Figure:
     return fig
 
 
-def accuracy_versus_bytes(table: Table, suptitle: str, target: float) -> Figure:
-    """Test accuracy against the bytes sent so far (up + down, all clients): the price of accuracy."""
+def accuracy_versus_bytes(table: Table, suptitle: str, targets: float | Sequence[float]) -> Figure:
+    """Test accuracy against the bytes sent so far (up + down, all clients): the price of
+    accuracy; a dashed line at each target accuracy."""
     fig, (ax,) = figure(suptitle)
     labels = [label(row.setting, table.factors) for row in table.rows]
     colors = _colors(labels)
@@ -201,9 +203,11 @@ def accuracy_versus_bytes(table: Table, suptitle: str, target: float) -> Figure:
         curve = row.mean_curve()
         ax.plot([c[3] / 1e6 for c in curve], [c[1] for c in curve], marker="o", markersize=3,
                 color=colors[lab], label=lab)
-    if not math.isnan(target):
+    shown = [t for t in as_targets(targets) if not math.isnan(t)]
+    for i, target in enumerate(shown):  # one legend entry names them all
         ax.axhline(target, color="black", linestyle="--", linewidth=1,
-                   label=f"target accuracy {target:.3f}")
+                   label=("target accuracy " + ", ".join(f"{t:.3f}" for t in shown)) if i == 0
+                   else "_target")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     ax.xaxis.set_minor_formatter(FuncFormatter(_minor_label(*ax.get_xlim())))

@@ -3,7 +3,7 @@
 Written to OUT (default `DIR/report/` for one DIR):
 
     results.csv / results.md       one row per setting, mean ± std over seeds
-    communication.csv              bytes (up + down) each setting needed to reach a target accuracy
+    communication.csv              bytes (up + down) each setting needed to reach each target accuracy
     paired.csv                     each method − lora, seed by seed (when the method varies)
     accuracy_per_round.png         test accuracy per round, band ± std over seeds
     accuracy_vs_<key>.png          final accuracy against each varied number (ε, α, lr, ...)
@@ -19,14 +19,14 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from fedlora.fsutil import atomic_write_bytes
 from fedlora.study import paired, plots
 from fedlora.study.runs import ReportError, find_runs
-from fedlora.study.table import (SPLIT, Table, communication_csv, communication_markdown,
-                                 default_target, group, name, show, to_csv, to_markdown,
-                                 value_order)
+from fedlora.study.table import (SPLIT, Table, as_targets, communication_csv,
+                                 communication_markdown, default_target, group, name, show,
+                                 to_csv, to_markdown, value_order)
 
 
 def _values(table: Table, key: str) -> list[str]:
@@ -64,8 +64,10 @@ def describe(table: Table) -> tuple[str, str]:
     return line1, " · ".join(parts)
 
 
-def build(dirs: list[str | Path], target: float | None = None) -> dict[str, bytes | str]:
-    """Every output file's content, by file name."""
+def build(dirs: list[str | Path], target: float | Sequence[float] | None = None
+          ) -> dict[str, bytes | str]:
+    """Every output file's content, by file name. `target`: the test accuracy (or accuracies)
+    for the bytes-to-target table; None picks the highest every setting's mean curve reaches."""
     runs = find_runs(dirs)
     table = group(runs)
     line1, line2 = describe(table)
@@ -80,16 +82,16 @@ def build(dirs: list[str | Path], target: float | None = None) -> dict[str, byte
     if table.has(SPLIT):
         figures["accuracy_by_split.png"] = plots.accuracy_by_split(table, title)
     auto = target is None
-    target = default_target(table) if auto else target
-    figures["accuracy_vs_bytes.png"] = plots.accuracy_versus_bytes(table, title, target)
+    targets = (default_target(table),) if auto else as_targets(target)
+    figures["accuracy_vs_bytes.png"] = plots.accuracy_versus_bytes(table, title, targets)
     files: dict[str, bytes | str] = {name: _png(fig) for name, fig in figures.items()}
     files["results.csv"] = to_csv(table)
     files["results.md"] = to_markdown(table)
-    files["communication.csv"] = communication_csv(table, target)
+    files["communication.csv"] = communication_csv(table, targets)
     found = paired.pairs(table)
     if found:
         files["paired.csv"] = paired.to_csv(found)
-    files["report.md"] = _markdown(table, line1, line2, dirs, target, auto, list(figures), len(runs))
+    files["report.md"] = _markdown(table, line1, line2, dirs, targets, auto, list(figures), len(runs))
     return files
 
 
@@ -99,7 +101,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _markdown(table: Table, line1: str, line2: str, dirs, target: float, auto: bool,
+def _markdown(table: Table, line1: str, line2: str, dirs, targets: tuple[float, ...], auto: bool,
               figures: list[str], n: int) -> str:
     src = ", ".join(f"`{d}`" for d in dirs)
     hours = sum(float(r.summary.get("wall_seconds") or 0) for row in table.rows for r in row.runs) / 3600
@@ -113,12 +115,15 @@ def _markdown(table: Table, line1: str, line2: str, dirs, target: float, auto: b
         if (d / "selection.md").is_file():
             out += ["## Hyperparameters chosen on the validation split", "",
                     (d / "selection.md").read_text(encoding="utf-8")]
-    rule = (" (the highest accuracy every setting's mean curve reaches; `--target` sets another)"
+    rule = (" (the highest accuracy every setting's mean curve reaches; `--target` sets others)"
             if auto else "")
-    out += [f"## Communication: MB sent to first reach test accuracy ≥ {target:.3f}", "",
-            f"Target {target:.3f}{rule}. Uploads plus downloads of all clients, counted from the "
-            "serialised payloads, up to the first evaluated round at or above the target; mean ± "
-            "std over the runs that reached it.", "", communication_markdown(table, target)]
+    shown = ", ".join(f"{t:.3f}" for t in targets)
+    several = len(targets) > 1
+    out += [f"## Communication: MB sent to first reach test accuracy ≥ {shown}", "",
+            f"Target{'s' if several else ''} {shown}{rule}. Uploads plus downloads of all "
+            "clients, counted from the serialised payloads, up to the first evaluated round at or "
+            "above the target; mean ± std over the runs that reached it.", "",
+            communication_markdown(table, targets)]
     found = paired.pairs(table)
     if found:
         out += [f"## Paired by seed: each method against {found[0].baseline}", "",
@@ -144,16 +149,36 @@ def _subset_note(table: Table) -> str:
             "whole test set.")
 
 
-def write_report(dirs: list[str | Path], out: str | Path | None = None, target: float | None = None,
+def parse_targets(given: list[str] | None) -> list[float] | None:
+    """`--target 0.7,0.72 --target 0.68` → [0.7, 0.72, 0.68]; None when not given."""
+    if not given:
+        return None
+    out = []
+    for part in (p.strip() for text in given for p in text.split(",")):
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise ReportError(f"--target: {part!r} is not a number; give accuracies in (0, 1], "
+                              "e.g. --target 0.7 or --target 0.68,0.7,0.72") from None
+    return out
+
+
+def write_report(dirs: list[str | Path], out: str | Path | None = None,
+                 target: float | Sequence[float] | None = None,
                  progress: Callable[[str], None] | None = print) -> Path:
-    """Build everything, then write it to `out`; returns `out`."""
+    """Build everything, then write it to `out`; returns `out`. `target`: one test accuracy or
+    several for the bytes-to-target table (None: the highest every setting reaches)."""
     say = progress or (lambda _: None)
     if out is None:
         if len(dirs) != 1:
             raise ReportError("several folders given — say where the report goes with --out DIR")
         out = Path(dirs[0]) / "report"
-    if target is not None and not (0 < target <= 1):
-        raise ReportError(f"--target must be an accuracy in (0, 1], got {target}")
+    if target is not None:
+        targets = as_targets(target)
+        bad = [t for t in targets if not 0 < t <= 1]  # also catches NaN
+        if bad or not targets:
+            raise ReportError(f"--target must be one or more accuracies in (0, 1], e.g. "
+                              f"--target 0.7 or --target 0.68,0.7,0.72; got {bad or 'none'}")
     files = build(dirs, target)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import io
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from fedlora.study.runs import ReportError, RunResult
 
@@ -269,36 +269,49 @@ def _to_target(row: Row, target: float) -> tuple[list[float], list[float], bool]
     return [h[1] for h in hits], [float(h[0]) for h in hits], any(not h[2] for h in hits)
 
 
-def communication_csv(table: Table, target: float) -> str:
+def communication_csv(table: Table, targets: float | Sequence[float]) -> str:
+    """One row per target and setting (long format: `target_accuracy` says which)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow([*table.keys, "target_accuracy", "runs", "runs_reached", "bytes_to_target_mean",
                 "bytes_to_target_std", "rounds_to_target_mean", "upper_bound"])
-    for row in table.rows:
-        sent, rounds, bound = _to_target(row, target)
-        m, s = mean_std(sent)
-        rm, _ = mean_std(rounds)
-        w.writerow([*(show(row.setting[k]) for k in table.keys), repr(target), len(row.runs),
-                    len(sent), _num(m), _num(s), _num(rm), str(bound).lower()])
+    for target in as_targets(targets):
+        for row in table.rows:
+            sent, rounds, bound = _to_target(row, target)
+            m, s = mean_std(sent)
+            rm, _ = mean_std(rounds)
+            w.writerow([*(show(row.setting[k]) for k in table.keys), repr(target), len(row.runs),
+                        len(sent), _num(m), _num(s), _num(rm), str(bound).lower()])
     return buf.getvalue()
 
 
-def communication_markdown(table: Table, target: float) -> str:
-    head = [*(name(k) for k in table.keys), "runs reaching it", "MB sent (up + down) to reach it",
-            "rounds"]
+def communication_markdown(table: Table, targets: float | Sequence[float]) -> str:
+    """The bytes-to-target table; with several targets, one block of rows per target, led by a
+    target column."""
+    targets = as_targets(targets)
+    several = len(targets) > 1
+    head = [*(["target test accuracy"] if several else []), *(name(k) for k in table.keys),
+            "runs reaching it", "MB sent (up + down) to reach it", "rounds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     any_bound = False
-    for row in table.rows:
-        sent, rounds, bound = _to_target(row, target)
-        any_bound |= bound
-        m, s = mean_std([b / 1e6 for b in sent])
-        rm, _ = mean_std(rounds)
-        le = "≤ " if bound else ""
-        lines.append("| " + " | ".join([*(show(row.setting[k]) for k in table.keys),
-                                         f"{len(sent)}/{len(row.runs)}",
-                                         le + pm(m, s, 2) if sent else "not reached",
-                                         "–" if math.isnan(rm) else f"{le}{rm:.1f}"]) + " |")
+    for target in targets:
+        for row in table.rows:
+            sent, rounds, bound = _to_target(row, target)
+            any_bound |= bound
+            m, s = mean_std([b / 1e6 for b in sent])
+            rm, _ = mean_std(rounds)
+            le = "≤ " if bound else ""
+            lines.append("| " + " | ".join([*([f"{target:.3f}"] if several else []),
+                                             *(show(row.setting[k]) for k in table.keys),
+                                             f"{len(sent)}/{len(row.runs)}",
+                                             le + pm(m, s, 2) if sent else "not reached",
+                                             "–" if math.isnan(rm) else f"{le}{rm:.1f}"]) + " |")
     note = ("\n≤: some of these runs were not scored after every round (`federation.eval_every`), "
             "so the target may have been reached before the first scored round that shows it: "
             "an upper bound.\n" if any_bound else "")
     return "\n".join(lines) + "\n" + note
+
+
+def as_targets(targets: float | Sequence[float]) -> tuple[float, ...]:
+    """One target or several, as a tuple in the order given."""
+    return (targets,) if isinstance(targets, (int, float)) else tuple(targets)
