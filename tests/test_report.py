@@ -121,6 +121,28 @@ def test_bytes_to_reach_a_target_by_hand(study):
     assert default_target(table) == pytest.approx(0.6)
 
 
+def test_per_round_numbers_by_hand(study):
+    """curves.csv and report.md's per-round table: the mean and sample std over seeds after each
+    round, and the MB sent by then, computed by hand from CURVES and BYTES."""
+    files = build([study])
+    rows = {(r["method.name"], r["privacy.epsilon"], r["round"]): r
+            for r in csv.DictReader(io.StringIO(files["curves.csv"]))}
+    assert len(rows) == 4 * 3
+    first = rows[("lora", "3", "1")]                       # 0.50, 0.55, 0.65
+    assert int(first["runs"]) == 3
+    assert float(first["test_accuracy_mean"]) == pytest.approx(1.7 / 3)
+    assert float(first["test_accuracy_std"]) == pytest.approx(
+        math.sqrt(sum((x - 1.7 / 3) ** 2 for x in (0.50, 0.55, 0.65)) / 2))
+    assert float(rows[("lora", "3", "2")]["mb_sent_mean"]) == pytest.approx(2 * 150 / 1e6)
+    assert rows[("ffa", "∞", "3")]["runs"] == "2"            # two seeds only
+    assert float(rows[("ffa", "∞", "3")]["test_accuracy_mean"]) == pytest.approx(0.76)
+    assert rows[("lora", "3", "1")]["test_subset"] == "false"
+    md = files["report.md"]
+    assert "| method | ε | runs | test accuracy after rounds 1, 2, 3 (mean over seeds) |" in md
+    assert "| lora | 3 | 3 | 0.567, 0.600, 0.600 |" in md
+    assert "| ffa | ∞ | 2 | 0.700, 0.735, 0.760 |" in md
+
+
 def test_several_targets_give_the_one_target_figures_for_each(study, tmp_path, capsys):
     """--target 0.6,0.65 (or --target repeated): communication.csv in long form, one row per
     target and setting, each with the figures one target alone gives; one table and one dashed
@@ -228,7 +250,7 @@ def test_report_files_are_written(study, tmp_path, capsys):
     assert main(["report", str(study), "--out", str(tmp_path / "rep"), "--target", "0.6"]) == 0
     out = tmp_path / "rep"
     assert {p.name for p in out.iterdir()} == {
-        "results.csv", "results.md", "communication.csv", "paired.csv", "report.md",
+        "results.csv", "results.md", "curves.csv", "communication.csv", "paired.csv", "report.md",
         "accuracy_per_round.png", "accuracy_vs_epsilon.png", "accuracy_vs_bytes.png"}
     w, h = plots.SIZE
     assert png_size(out / "accuracy_vs_epsilon.png") == (int(w * plots.DPI), int(h * plots.DPI))
@@ -255,6 +277,7 @@ def test_report_says_when_curves_are_on_a_test_subset(study, tmp_path):
         [pytest.approx(x) for x in (0.5666667, 0.6, 0.6)]  # hand: the seeds' means per round
     md = (write_report([study], tmp_path / "rep", progress=None) / "report.md").read_text()
     assert "fixed stratified subset of 512 test examples" in md
+    assert "| lora | 3 | 3 | ≈0.567, ≈0.600, 0.600 |" in md      # the per-round table marks them
     # the curves draw the subset rounds hollow, the whole-set last round filled
     ax = plots.accuracy_per_round(table, "t").axes[0]   # the ε = 3 panel
     lora = [ln for ln in ax.get_lines() if ln.get_label() == "lora"][0]

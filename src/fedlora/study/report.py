@@ -3,6 +3,7 @@
 Written to OUT (default `DIR/report/` for one DIR):
 
     results.csv / results.md       one row per setting, mean ± std over seeds
+    curves.csv                     test accuracy after every round, mean ± std over seeds
     communication.csv              bytes (up + down) each setting needed to reach each target accuracy
     paired.csv                     each method − lora, seed by seed (when the method varies)
     accuracy_per_round.png         test accuracy per round, band ± std over seeds
@@ -25,8 +26,9 @@ from fedlora.fsutil import atomic_write_bytes
 from fedlora.study import paired, plots
 from fedlora.study.runs import ReportError, find_runs
 from fedlora.study.table import (SPLIT, Table, as_targets, communication_csv,
-                                 communication_markdown, default_target, group, name, show,
-                                 to_csv, to_markdown, value_order)
+                                 communication_markdown, curves_csv, curves_markdown,
+                                 default_target, group, name, show, to_csv, to_markdown,
+                                 value_order)
 
 
 def _values(table: Table, key: str) -> list[str]:
@@ -87,6 +89,7 @@ def build(dirs: list[str | Path], target: float | Sequence[float] | None = None
     files: dict[str, bytes | str] = {name: _png(fig) for name, fig in figures.items()}
     files["results.csv"] = to_csv(table)
     files["results.md"] = to_markdown(table)
+    files["curves.csv"] = curves_csv(table)
     files["communication.csv"] = communication_csv(table, targets)
     found = paired.pairs(table)
     if found:
@@ -110,7 +113,10 @@ def _markdown(table: Table, line1: str, line2: str, dirs, targets: tuple[float, 
            "their wall times). One row per setting: mean ± sample standard deviation (n − 1) over "
            f"its seeds ({', '.join(map(str, table.seeds))}); test accuracy is on the held-out test "
            "set after the last round; ε is the largest any client spent." + _subset_note(table),
-           "", to_markdown(table)]
+           "", to_markdown(table),
+           "## Per round", "", "Test accuracy after each round, mean over the seeds (the curves "
+           "of `accuracy_per_round.png`; `curves.csv` has the std and the MB sent by then).", "",
+           curves_markdown(table)]
     for d in map(Path, dirs):
         if (d / "selection.md").is_file():
             out += ["## Hyperparameters chosen on the validation split", "",

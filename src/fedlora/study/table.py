@@ -235,6 +235,58 @@ def to_markdown(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------- per round
+
+
+def curves_csv(table: Table) -> str:
+    """The numbers behind the per-round figure: one row per setting and scored round, the mean
+    and sample std over the runs that scored it, and the mean MB sent by then."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([*table.keys, "round", "runs", "test_accuracy_mean", "test_accuracy_std",
+                "mb_sent_mean", "test_subset"])
+    for row in table.rows:
+        counts = _runs_per_round(row)
+        subset = row.subset_rounds()
+        for rnd, m, s, sent in row.mean_curve():
+            w.writerow([*(show(row.setting[k]) for k in table.keys), rnd, counts[rnd], _num(m),
+                        _num(s), repr(sent / 1e6), str(rnd in subset).lower()])
+    return buf.getvalue()
+
+
+def curves_markdown(table: Table) -> str:
+    """One row per setting: mean test accuracy after each round; ≈ marks a round scored on the
+    fixed test subset (`federation.eval_examples`), – one that none of its runs scored."""
+    rounds = sorted({c[0] for row in table.rows for c in row.mean_curve()})
+    head = [*(name(k) for k in table.keys), "runs",
+            f"test accuracy after rounds {_span(rounds)} (mean over seeds)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table.rows:
+        by_round = {rnd: m for rnd, m, _, _ in row.mean_curve()}
+        subset = row.subset_rounds()
+        cells = [("≈" if r in subset else "") + f"{by_round[r]:.3f}" if r in by_round else "–"
+                 for r in rounds]
+        lines.append("| " + " | ".join([*(show(row.setting[k]) for k in table.keys),
+                                         str(len(row.runs)), ", ".join(cells)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _runs_per_round(row: Row) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for run in row.runs:
+        for rnd, _, _ in run.curve():
+            counts[rnd] = counts.get(rnd, 0) + 1
+    return counts
+
+
+def _span(rounds: list[int]) -> str:
+    if not rounds:
+        return "–"
+    if rounds == list(range(rounds[0], rounds[-1] + 1)) and len(rounds) > 3:
+        return f"{rounds[0]} … {rounds[-1]}"
+    return ", ".join(map(str, rounds))
+
+
 # ---------------------------------------------------------------------------- communication
 
 
