@@ -238,6 +238,9 @@ def test_a_long_title_is_wrapped_to_the_figure():
     lines = fig._suptitle.get_text().split("\n")
     assert len(lines) > 2 and lines[-1] == "setup"
     assert " ".join(lines[:-1]) == line1 and max(map(len, lines)) <= int(plots.SIZE[0] * 13)
+    # a model's name is never cut at its hyphens ("all-" / "MiniLM-L6-v2")
+    fig, _ = plots.figure("x " * 49 + "all-MiniLM-L6-v2 on rotten_tomatoes\nsetup")
+    assert "all-MiniLM-L6-v2" in fig._suptitle.get_text().split("\n")[1]
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -28,8 +28,9 @@ def figure(suptitle: str, panels: int = 1) -> tuple[Figure, list]:
     fig = Figure(figsize=(width, SIZE[1]), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, panels, sharey=True, squeeze=False)[0].tolist()
     chars = int(width * 13)  # ~characters of a 10-pt title line across the figure
-    fig.suptitle("\n".join(textwrap.fill(line, chars) for line in suptitle.split("\n")),
-                 fontsize=10)
+    # never at a hyphen: a model's name ("all-MiniLM-L6-v2") stays whole
+    lines = (textwrap.fill(line, chars, break_on_hyphens=False) for line in suptitle.split("\n"))
+    fig.suptitle("\n".join(lines), fontsize=10)
     return fig, axes
 
 
