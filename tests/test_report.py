@@ -157,6 +157,7 @@ def test_several_targets_give_the_one_target_figures_for_each(study, tmp_path, c
     assert comm[("0.65", "lora", "3")]["runs_reached"] == "1"
     assert float(comm[("0.65", "lora", "3")]["bytes_to_target_mean"]) == 150
     assert float(comm[("0.65", "ffa", "3")]["bytes_to_target_mean"]) == 100
+    assert build([study], target=[0.6, 0.65, 0.6])["communication.csv"] == files["communication.csv"]
     alone = build([study], target=0.65)["communication.csv"].splitlines()
     assert set(alone[1:]) < set(files["communication.csv"].splitlines())
     md = files["report.md"]

@@ -72,7 +72,7 @@ def _hollow_subset_points(ax, row: Row, curve, color) -> None:
     """Rounds scored on the fixed test subset drawn hollow: the subset's offset from the whole
     set is the same in every round, so a step at the last (whole-set) round is not a drop."""
     subset = row.subset_rounds()
-    points = [(rnd, mean) for rnd, mean, _, _ in curve if rnd in subset]
+    points = [(p.round, p.mean) for p in curve if p.round in subset]
     if points:
         ax.plot([p[0] for p in points], [p[1] for p in points], linestyle="none", marker="o",
                 markersize=6, markerfacecolor="white", markeredgecolor=color, label="_subset")
@@ -107,13 +107,13 @@ def accuracy_per_round(table: Table, suptitle: str) -> Figure:
                 if panel_key and row.setting[panel_key] != value:
                     continue
                 curve = row.mean_curve()
-                x = [c[0] for c in curve]
-                mean = [c[1] for c in curve]
+                x = [p.round for p in curve]
+                mean = [p.mean for p in curve]
                 ax.plot(x, mean, marker="o", markersize=3, color=colors[lab], label=lab)
                 _hollow_subset_points(ax, row, curve, colors[lab])
                 if len(row.runs) > 1:
-                    lo = [m - (0 if math.isnan(s) else s) for _, m, s, _ in curve]
-                    hi = [m + (0 if math.isnan(s) else s) for _, m, s, _ in curve]
+                    lo = [p.mean - (0 if math.isnan(p.std) else p.std) for p in curve]
+                    hi = [p.mean + (0 if math.isnan(p.std) else p.std) for p in curve]
                     ax.fill_between(x, lo, hi, color=colors[lab], alpha=0.18, linewidth=0)
         _majority(table, ax)
         ax.set_xlabel("round")
@@ -202,7 +202,7 @@ def accuracy_versus_bytes(table: Table, suptitle: str, targets: float | Sequence
     colors = _colors(labels)
     for lab, row in zip(labels, table.rows):
         curve = row.mean_curve()
-        ax.plot([c[3] / 1e6 for c in curve], [c[1] for c in curve], marker="o", markersize=3,
+        ax.plot([p.sent / 1e6 for p in curve], [p.mean for p in curve], marker="o", markersize=3,
                 color=colors[lab], label=lab)
     shown = [t for t in as_targets(targets) if not math.isnan(t)]
     for i, target in enumerate(shown):  # one legend entry names them all

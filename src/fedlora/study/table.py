@@ -14,7 +14,7 @@ import io
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from fedlora.study.runs import ReportError, RunResult
 
@@ -75,8 +75,9 @@ class Row:
         """Rounds that any of the runs scored on a test subset, not the whole test set."""
         return set().union(*(run.subset_rounds() for run in self.runs))
 
-    def mean_curve(self, key: str = "test_accuracy") -> list[tuple[int, float, float, float]]:
-        """(round, mean, std, mean bytes up+down so far) over the runs, at every evaluated round."""
+    def mean_curve(self, key: str = "test_accuracy") -> list[CurvePoint]:
+        """(round, mean, std, mean bytes up+down so far, runs) over the runs that evaluated each
+        round, at every round any of them evaluated."""
         by_round: dict[int, list[tuple[float, int]]] = {}
         for run in self.runs:
             for rnd, value, sent in run.curve(key):
@@ -84,8 +85,17 @@ class Row:
         out = []
         for rnd in sorted(by_round):
             m, s = mean_std([v for v, _ in by_round[rnd]])
-            out.append((rnd, m, s, statistics.fmean(b for _, b in by_round[rnd])))
+            out.append(CurvePoint(rnd, m, s, statistics.fmean(b for _, b in by_round[rnd]),
+                                  len(by_round[rnd])))
         return out
+
+
+class CurvePoint(NamedTuple):
+    round: int
+    mean: float
+    std: float
+    sent: float      # mean bytes (up + down, all clients) sent by the end of the round
+    runs: int        # how many of the row's runs scored this round
 
 
 @dataclass
@@ -246,37 +256,30 @@ def curves_csv(table: Table) -> str:
     w.writerow([*table.keys, "round", "runs", "test_accuracy_mean", "test_accuracy_std",
                 "mb_sent_mean", "test_subset"])
     for row in table.rows:
-        counts = _runs_per_round(row)
         subset = row.subset_rounds()
-        for rnd, m, s, sent in row.mean_curve():
-            w.writerow([*(show(row.setting[k]) for k in table.keys), rnd, counts[rnd], _num(m),
-                        _num(s), repr(sent / 1e6), str(rnd in subset).lower()])
+        for p in row.mean_curve():
+            w.writerow([*(show(row.setting[k]) for k in table.keys), p.round, p.runs,
+                        _num(p.mean), _num(p.std), repr(p.sent / 1e6),
+                        str(p.round in subset).lower()])
     return buf.getvalue()
 
 
 def curves_markdown(table: Table) -> str:
     """One row per setting: mean test accuracy after each round; ≈ marks a round scored on the
     fixed test subset (`federation.eval_examples`), – one that none of its runs scored."""
-    rounds = sorted({c[0] for row in table.rows for c in row.mean_curve()})
+    curves = [row.mean_curve() for row in table.rows]
+    rounds = sorted({p.round for curve in curves for p in curve})
     head = [*(name(k) for k in table.keys), "runs",
             f"test accuracy after rounds {_span(rounds)} (mean over seeds)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in table.rows:
-        by_round = {rnd: m for rnd, m, _, _ in row.mean_curve()}
+    for row, curve in zip(table.rows, curves):
+        by_round = {p.round: p.mean for p in curve}
         subset = row.subset_rounds()
         cells = [("≈" if r in subset else "") + f"{by_round[r]:.3f}" if r in by_round else "–"
                  for r in rounds]
         lines.append("| " + " | ".join([*(show(row.setting[k]) for k in table.keys),
                                          str(len(row.runs)), ", ".join(cells)]) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _runs_per_round(row: Row) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for run in row.runs:
-        for rnd, _, _ in run.curve():
-            counts[rnd] = counts.get(rnd, 0) + 1
-    return counts
 
 
 def _span(rounds: list[int]) -> str:
@@ -292,7 +295,7 @@ def _span(rounds: list[int]) -> str:
 
 def default_target(table: Table) -> float:
     """The highest test accuracy that every setting's mean curve reaches (so each has a cost)."""
-    peaks = [max((m for _, m, _, _ in row.mean_curve()), default=math.nan) for row in table.rows]
+    peaks = [max((p.mean for p in row.mean_curve()), default=math.nan) for row in table.rows]
     peaks = [p for p in peaks if not math.isnan(p)]
     return math.floor(min(peaks) * 1000) / 1000 if peaks else math.nan
 
@@ -365,5 +368,5 @@ def communication_markdown(table: Table, targets: float | Sequence[float]) -> st
 
 
 def as_targets(targets: float | Sequence[float]) -> tuple[float, ...]:
-    """One target or several, as a tuple in the order given."""
-    return (targets,) if isinstance(targets, (int, float)) else tuple(targets)
+    """One target or several, as a tuple in the order given, each once."""
+    return (targets,) if isinstance(targets, (int, float)) else tuple(dict.fromkeys(targets))
