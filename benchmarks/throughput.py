@@ -79,6 +79,8 @@ def setup(overrides: list[str], threads: int, methods: list[str], reference: lis
         torch.set_num_threads(torch.get_num_threads())
     nodp = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, epsilon=float("inf")))
     plain = [build_client(nodp, c.cid, c.token_ids, c.labels) for c in exp.clients]
+    for p, c in zip(plain, exp.clients):  # the same batches and dropout as the DP clients
+        p.randomness = c.randomness
     contenders: dict[str, Contender] = {}
     pristine = exp.model  # the reference copies the model before fedlora has trained anything
     for name in reference:
@@ -142,7 +144,7 @@ def _floor(trainer, clients) -> Contender:
         params = [handle.param(k) for k in handle.set_trainable(lambda k: method.trainable(k, round))]
         trainer.model.train()
         for client in clients[:1] if warm else clients:
-            torch.manual_seed(derive_seed(client.seed, "dropout", client.cid, round))
+            torch.manual_seed(client.randomness.torch_seed("dropout", round))
             batches = trainer.poisson_batches(client, round)
             chunks = [trainer._micro_batches(client, b) for b in batches]
             m.start()

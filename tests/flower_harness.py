@@ -76,6 +76,8 @@ class Deployment:
         wait_for(lambda: port_open(self.port), 60, "SuperLink port", [proc])
 
     def supernode(self, name: str, node_config: dict, **kw) -> None:
+        """A site; it consents to seeded noise, so the tests' runs compare bit for bit."""
+        node_config = {"allow-seeded-noise": True, **node_config}
         self.start(name, deploy.supernode_command(superlink=self.address, port=free_port(),
                                                   node_config=node_config, **kw))
 

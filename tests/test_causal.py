@@ -14,6 +14,19 @@ from fedlora.causal.prompts import PromptFormat, encode_pairs
 from fedlora.config import load_config
 from fedlora.privacy.dpsgd import per_sample_gradients
 
+
+@pytest.fixture(scope="module")
+def tiny_overrides(tiny_overrides):
+    """These tests compare runs bit for bit: seeded DP noise (docs/privacy.md)."""
+    return tiny_overrides + ["privacy.noise=seeded"]
+
+
+@pytest.fixture(scope="module")
+def causal_overrides(causal_overrides):
+    """These tests compare runs bit for bit: seeded DP noise (docs/privacy.md)."""
+    return causal_overrides + ["privacy.noise=seeded"]
+
+
 PROMPTS = ["3+4", "12+30", "7+0", "5+5", "41+18"]
 ANSWERS = ["7", "42", "7", "10", "59"]
 

@@ -18,6 +18,7 @@ from fedlora.federation.server import Exchange, FederationState, RoundPlan, gath
 from fedlora.federation.simulation import InProcessTransport
 from fedlora.methods import keys
 from fedlora.model import AdapterHandle, attach_lora, load_classifier
+from fedlora.privacy.randomness import TorchStream
 from fedlora.config import MethodConfig
 
 
@@ -52,7 +53,7 @@ TOKENS = [[101, 7, 8, 102], [101, 9, 102], [101, 2204, 2143, 2001, 102], [101, 6
 def test_feature_sum_is_the_sum_over_the_poisson_sample(model, rate):
     model.eval()
     got = centering.noisy_feature_sum(model, TOKENS, rate, 0.0, pad_id=0, micro_batch=4,
-                                      generator=torch.Generator().manual_seed(3))
+                                      stream=TorchStream(3))
     chosen = (torch.rand(len(TOKENS), generator=torch.Generator().manual_seed(3)) < rate)
     want = sum((_direct_feature(model, t) for t, c in zip(TOKENS, chosen) if c),
                torch.zeros(32))
@@ -65,9 +66,9 @@ def test_feature_sum_noise_has_the_calibrated_std(model):
     sigma, diffs = 2.0, []
     for seed in range(60):
         noisy = centering.noisy_feature_sum(model, TOKENS[:2], 1.0, sigma, 0, 4,
-                                            torch.Generator().manual_seed(seed))
+                                            TorchStream(seed))
         clean = centering.noisy_feature_sum(model, TOKENS[:2], 1.0, 0.0, 0, 4,
-                                            torch.Generator().manual_seed(seed))
+                                            TorchStream(seed))
         diffs.append(noisy[centering.SUM] - clean[centering.SUM])
     d = torch.cat(diffs)  # 60 × 32 = 1,920 draws: the std is within ±5% with ~97% probability
     assert d.std().item() == pytest.approx(sigma, rel=0.06)

@@ -20,6 +20,19 @@ from fedlora.config import load_config
 from fedlora.device import resolve_device
 from fedlora.errors import ConfigError
 
+
+@pytest.fixture(scope="module")
+def tiny_overrides(tiny_overrides):
+    """These tests compare runs bit for bit: seeded DP noise (docs/privacy.md)."""
+    return tiny_overrides + ["privacy.noise=seeded"]
+
+
+@pytest.fixture(scope="module")
+def causal_overrides(causal_overrides):
+    """These tests compare runs bit for bit: seeded DP noise (docs/privacy.md)."""
+    return causal_overrides + ["privacy.noise=seeded"]
+
+
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (run on a GPU machine)")
 

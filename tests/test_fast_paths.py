@@ -17,6 +17,12 @@ from fedlora.federation.server import FederationState, RoundPlan, run_rounds
 from fedlora.federation.simulation import InProcessTransport
 
 
+@pytest.fixture(scope="module")
+def tiny_overrides(tiny_overrides):
+    """These tests compare runs bit for bit: seeded DP noise (docs/privacy.md)."""
+    return tiny_overrides + ["privacy.noise=seeded"]
+
+
 @pytest.fixture()
 def exp(tiny_overrides):
     return build_experiment(load_config(None, tiny_overrides + ["train.micro_batch_size=3"]))

@@ -32,6 +32,13 @@ from fedlora.federation.wire import payload_bytes  # noqa: E402
 from fedlora.outputs import RunFolder  # noqa: E402
 from fedlora.api import execute  # noqa: E402
 
+
+@pytest.fixture(scope="module")
+def tiny_overrides(tiny_overrides):
+    """These tests compare runs bit for bit: seeded DP noise (docs/privacy.md)."""
+    return tiny_overrides + ["privacy.noise=seeded"]
+
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -123,7 +130,10 @@ class MemoryGrid:
 
     def __init__(self, node_configs: dict[int, dict], run_config: dict, state_root: Path):
         """Each node keeps its state in `state_root/node-<id>` unless its config says where."""
-        node_configs = {n: {"state-dir": str(state_root / f"node-{n}"), **c}
+        node_configs = {n: {"state-dir": str(state_root / f"node-{n}"),
+                            # the sites consent to seeded noise and share their personalised
+                            # scores, so runs compare bit for bit with the simulation
+                            "allow-seeded-noise": True, "share-evaluation": True, **c}
                         for n, c in node_configs.items()}
         self.contexts = {n: Context(run_id=1, node_id=n, node_config=c, state=RecordDict(),
                                     run_config=run_config) for n, c in node_configs.items()}

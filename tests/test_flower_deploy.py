@@ -29,6 +29,14 @@ from fedlora.federation.flower import certs, deploy  # noqa: E402
 from fedlora.federation.wire import payload_bytes  # noqa: E402
 
 pytestmark = pytest.mark.flower
+
+
+@pytest.fixture(scope="module")
+def tiny_overrides(tiny_overrides):
+    """These tests compare runs bit for bit: seeded DP noise (docs/privacy.md)."""
+    return tiny_overrides + ["privacy.noise=seeded"]
+
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 RUN_TIMEOUT = 540  # seconds for a whole `flwr run` (a few tiny rounds take ~1 min)
 

@@ -17,9 +17,17 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import fedlora
 from fedlora.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_overrides(tiny_overrides):
+    """These tests compare runs bit for bit: seeded DP noise (docs/privacy.md)."""
+    return tiny_overrides + ["privacy.noise=seeded"]
+
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -73,7 +81,8 @@ def overrides(tiny_st_model_dir, toy_csv):
     return [f"model.path={tiny_st_model_dir}", "model.max_length=16", f"data.path={toy_csv}",
             "data.text_column=review", "data.label_column=sentiment", "data.group_column=film",
             "federation.rounds=3", "federation.local_steps=2", "train.batch_size=16",
-            "train.eval_batch_size=64", "threads=1"]
+            "train.eval_batch_size=64", "threads=1",
+            "privacy.noise=seeded"]  # compared bit for bit with an uninterrupted run
 
 
 @pytest.fixture(scope="module")
@@ -207,18 +216,44 @@ def test_replayed_round_with_another_download_is_refused(tiny_overrides, tmp_pat
     assert PrivacyLedger(tmp_path / "ledger.json").latest == client.privacy.accountant.state_dict()
 
 
-def test_ledger_forgets_checkpointed_rounds_but_never_what_was_spent(tmp_path):
+def _record(ledger, r: int, steps: int) -> None:
+    upload = {"b": torch.full((2,), float(r))}
+    ledger.record(r, f"d{r}", {"kind": "rdp", "history": [[1.0, 0.1, steps]]}, upload, {}, steps)
+
+
+def test_ledger_forgets_checkpointed_releases_but_never_what_was_spent(tmp_path):
+    """After a checkpoint the released tensors and old accountant states go; the digests of
+    released rounds and the latest accountant (the spent ε) never do."""
     from fedlora.privacy.ledger import PrivacyLedger
 
     ledger = PrivacyLedger(tmp_path / "l.json")
     for r in range(5):
-        ledger.record(r, f"d{r}", {"kind": "rdp", "history": [[1.0, 0.1, 2 * (r + 1)]]})
+        _record(ledger, r, 2 * (r + 1))
+    assert torch.equal(ledger.release(2)[0]["b"], torch.full((2,), 2.0))
     ledger.forget_before(3)
-    assert sorted(ledger.rounds) == [3, 4]
+    assert sorted(ledger.rounds) == [0, 1, 2, 3, 4]  # every released round is still recognised
+    assert [ledger.release(r) is None for r in range(5)] == [True, True, True, False, False]
+    assert {r for r, e in ledger.rounds.items() if "accountant" in e} == {3, 4}
     ledger.forget_before(10)  # past every entry: the latest stays, it is the spent ε
-    assert sorted(ledger.rounds) == [4] and ledger.latest["history"] == [[1.0, 0.1, 10]]
-    ledger.record(5, "d5", {"kind": "rdp", "history": [[1.0, 0.1, 12]]})
-    assert sorted(PrivacyLedger(tmp_path / "l.json").rounds) == [4, 5]
+    assert ledger.latest["history"] == [[1.0, 0.1, 10]]
+    assert not list(tmp_path.glob("l-release-*"))
+    _record(ledger, 5, 12)
+    again = PrivacyLedger(tmp_path / "l.json")
+    assert sorted(again.rounds) == list(range(6)) and again.entry(0)["digest"] == "d0"
+    assert again.release(5) is not None
+
+
+def test_a_damaged_release_is_refused(tmp_path):
+    from fedlora.privacy.ledger import LedgerError, PrivacyLedger
+
+    ledger = PrivacyLedger(tmp_path / "l.json")
+    _record(ledger, 0, 2)
+    path = ledger.release_path(0)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1  # one flipped bit in the tensors
+    path.write_bytes(bytes(raw))
+    with pytest.raises(LedgerError, match="checksum|unreadable"):
+        PrivacyLedger(tmp_path / "l.json").release(0)
 
 
 def test_resume_may_change_threads_only(tmp_path, overrides, interrupt_in_round):
@@ -242,12 +277,12 @@ def test_ledger_latest_is_what_was_spent_last_not_the_highest_round(tmp_path):
     from fedlora.privacy.ledger import LedgerError, PrivacyLedger
 
     ledger = PrivacyLedger(tmp_path / "l.json")
-    ledger.record(0, "d0", {"kind": "rdp", "history": [[1.0, 0.1, 2]]})
-    ledger.record(2, "d2", {"kind": "rdp", "history": [[1.0, 0.1, 4]]})
-    ledger.record(1, "d1", {"kind": "rdp", "history": [[1.0, 0.1, 6]]})  # after the resume
+    _record(ledger, 0, 2)
+    _record(ledger, 2, 4)
+    _record(ledger, 1, 6)  # after the resume
     assert PrivacyLedger(tmp_path / "l.json").latest["history"] == [[1.0, 0.1, 6]]
     ledger.forget_before(5)
-    assert sorted(ledger.rounds) == [1]
+    assert {r for r, e in ledger.rounds.items() if "accountant" in e} == {1}
     (tmp_path / "bad.json").write_text('{"rounds": {"0": {"digest": "d", "accountant": '
                                        '{"kind": "rdp", "history": [[1.0, 0.1, "many"]]}}}}')
     with pytest.raises(LedgerError, match="unreadable"):

@@ -13,6 +13,13 @@ from fedlora.config import load_config
 from fedlora.experiment import build_experiment
 from fedlora.federation.wire import payload_bytes
 
+
+@pytest.fixture(scope="module")
+def tiny_overrides(tiny_overrides):
+    """These tests compare runs bit for bit: seeded DP noise (docs/privacy.md)."""
+    return tiny_overrides + ["privacy.noise=seeded"]
+
+
 SUMMARY_KEYS = {"method", "test_accuracy", "epsilon", "delta", "noise_multiplier", "sample_rates",
                 "steps", "rounds", "clients", "bytes_uploaded", "bytes_downloaded",
                 "trainable_parameters", "wall_seconds"}
@@ -140,10 +147,13 @@ def test_crash_mid_run_leaves_no_run_folder_but_keeps_what_was_spent(tmp_path, t
 
     monkeypatch.setattr(evaluate.Evaluator, "__call__", boom)
     with pytest.raises(RuntimeError) as info:
-        fedlora.run(None, tmp_path / "crash", overrides=tiny_overrides, progress=None)
+        fedlora.run(None, tmp_path / "crash", overrides=tiny_overrides + ["privacy.noise=secret"],
+                    progress=None)
     assert [p.name for p in tmp_path.iterdir()] == ["crash.partial"]
-    assert sorted(p.name for p in (tmp_path / "crash.partial" / "ledger").iterdir()) == [
+    ledger = tmp_path / "crash.partial" / "ledger"
+    assert sorted(p.name for p in ledger.glob("client-*.json")) == [
         "client-0.json", "client-1.json", "client-2.json"]
+    assert len(list(ledger.glob("client-*.key"))) == 3  # the keys stay with the ledgers
     assert "--resume" in " ".join(info.value.__notes__)
 
 

@@ -118,7 +118,7 @@ def test_bad_update_is_rejected_and_the_rest_aggregate(name, upload_change, repl
     assert [u.client for u in honest] == [0, 2]
     want = exp.method.aggregate(start, honest, 0)
     assert states_equal(state.glob.tensors(), want.tensors())
-    assert record["test_accuracy"] is not None and math.isfinite(record["train_loss"])
+    assert record["test_accuracy"] is not None and math.isfinite(record["local_train_loss"])
 
 
 def test_stop_on_bad_update_leaves_the_global_model_untouched(overrides):

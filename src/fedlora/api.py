@@ -27,6 +27,7 @@ from fedlora.methods.base import Method, State
 from fedlora.model import AdapterHandle, count_parameters, save_base_delta
 from fedlora.outputs import RunFolder, default_out_dir
 from fedlora.privacy.ledger import PrivacyLedger, adopt_ledger
+from fedlora.privacy.randomness import load_or_create_key
 from fedlora.tasks.base import Task
 
 
@@ -116,8 +117,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _resumable(folder: RunFolder) -> bool:
     """Is there anything in `DIR.partial/` worth resuming: a checkpoint or a spent ε?"""
-    ledgers = folder.path("ledger")
-    return folder.path(ckpt.FILENAME).exists() or (ledgers.is_dir() and any(ledgers.iterdir()))
+    ledgers = folder.path("ledger")  # its keys alone (made before round 1) spent nothing
+    return folder.path(ckpt.FILENAME).exists() or (ledgers.is_dir()
+                                                   and any(ledgers.glob("client-*.json")))
 
 
 def _resolve(config, overrides) -> Config:
@@ -190,6 +192,9 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
     for client in clients:  # a client's ε never goes below what its ledger says it spent
         client.ledger = PrivacyLedger(folder.path(f"ledger/client-{client.cid}.json"))
         adopt_ledger(client.ledger, client.privacy.accountant)
+        if config.privacy.noise == "secret":  # the run folder's private part: never share it
+            client.randomness = load_or_create_key(folder.path(f"ledger/client-{client.cid}.key"),
+                                                   released=bool(client.ledger.rounds))
     folder.write_jsonl("metrics.jsonl", state.history)  # drops lines past the checkpoint
     initial = _initial_scores(server, state, folder, say)
     validator = UpdateValidator(server.method, template_state(server.handle, server.initial),
@@ -309,6 +314,8 @@ def build_summary(server: ServerSide, state: FederationState, facts: list[dict],
         "epsilon_per_client": [state.epsilon.get(c, 0.0) for c in range(len(facts))],
         "delta": config.privacy.delta,
         "accountant": config.privacy.accountant,
+        # "seeded": ε holds only against parties who do not know the seed (docs/privacy.md)
+        "noise": config.privacy.noise,
         "clip": config.privacy.clip,
         "noise_multiplier": column("noise_multiplier"),
         "sample_rates": column("sample_rate"),

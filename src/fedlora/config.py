@@ -23,6 +23,7 @@ PARTITIONS = ("iid", "dirichlet", "group")
 OPTIMIZERS = ("sgd", "adam")
 HEADS = ("shared", "local")
 ACCOUNTANTS = ("rdp", "prv")
+NOISE = ("secret", "seeded")  # fedlora.privacy.randomness.NOISE_MODES (no torch import here)
 CENTERS = ("auto", "off")
 BAD_UPDATE = ("skip", "stop")
 TASKS = ("classification", "causal")
@@ -144,13 +145,18 @@ class PrivacyConfig:
     delta: float = _f(1e-5, "delta of (epsilon, delta)-DP")
     clip: float = _f(1.0, "per-example gradient norm bound")
     accountant: str = _f("rdp", f"privacy accountant: {', '.join(ACCOUNTANTS)}")
+    noise: str = _f("secret", "where DP noise and Poisson sampling come from: secret (a key each "
+                    "client makes and never shares: ε holds against the server too) or seeded "
+                    "(from the run's seed, reproducible bit for bit: ε then holds only against "
+                    "parties who do not know the seed — for research)")
     center_noise: float = _f(5.0, "noise multiplier of the Gaussian mechanism on each client's "
                              "feature sum (model.center; accounted with the DP-SGD steps)")
 
 
 @dataclass
 class Config:
-    seed: int = _f(0, "seed for the split, LoRA A, client sampling and DP noise")
+    seed: int = _f(0, "seed for the split, LoRA A and client sampling (and DP noise, with "
+                   "privacy.noise=seeded)")
     threads: int = _f(0, "torch CPU threads (0 = all cores)")
     device: str = _f("auto", "where the model computes: auto (cuda if available, else cpu), cpu, "
                      "cuda or cuda:N; sampling and DP noise are drawn on the CPU either way")
@@ -380,6 +386,8 @@ def validate(config: Config) -> None:
     _check(0 < p.delta < 1, "privacy.delta must be in (0, 1), e.g. 1e-5")
     _check(p.clip > 0 and math.isfinite(p.clip), "privacy.clip must be a positive number, e.g. 1.0")
     _check(p.accountant in ACCOUNTANTS, f"privacy.accountant must be one of {', '.join(ACCOUNTANTS)}")
+    _check(p.noise in NOISE, f"privacy.noise must be one of {', '.join(NOISE)} (secret: the default; "
+           "seeded: reproducible, for research)")
     _check(p.center_noise > 0 and math.isfinite(p.center_noise),
            "privacy.center_noise must be a positive number, e.g. 5 (or set model.center='off')")
 

@@ -26,6 +26,7 @@ from fedlora.methods.base import Method, State
 from fedlora.model import (AdapterHandle, attach_lora, enable_gradient_checkpointing, load_tokenizer,
                            resolve_model_path)
 from fedlora.privacy.plan import plan_client_privacy
+from fedlora.privacy.randomness import randomness_for
 from fedlora.seeding import derive_seed
 from fedlora.tasks import get_task
 from fedlora.tasks.base import Task
@@ -170,7 +171,8 @@ def build_client(config: Config, cid: int, token_ids: list[list[int]], labels: l
     center = config.model.center_examples if centering_enabled(config) else 0
     privacy = plan_client_privacy(config.privacy, len(labels), config.train.batch_size,
                                   f.rounds * f.local_steps, center)
-    return Client(cid=cid, token_ids=token_ids, labels=labels, privacy=privacy, seed=config.seed)
+    return Client(cid=cid, token_ids=token_ids, labels=labels, privacy=privacy, seed=config.seed,
+                  randomness=randomness_for(config.privacy.noise, config.seed, cid))
 
 
 def build_evaluators(config: Config, base: Base, dataset: TextDataset,

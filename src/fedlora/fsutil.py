@@ -6,8 +6,11 @@ import os
 from pathlib import Path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
     """Write `data` to a temporary file beside `path`, fsync it, rename it over `path`.
+
+    `mode` (e.g. 0o600 for a secret): the file's permissions from its creation on, so its
+    bytes are never readable by others, not even for an instant.
 
     A SIGKILL at any instant leaves either the previous file or the complete new one: rename
     within one directory is atomic on POSIX, and the fsync before it makes sure the renamed
@@ -15,7 +18,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    with os.fdopen(os.open(tmp, flags, 0o666 if mode is None else mode), "wb") as f:
+        if mode is not None:
+            os.fchmod(f.fileno(), mode)  # the file may have existed (a torn earlier write)
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

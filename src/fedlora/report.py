@@ -26,6 +26,9 @@ def banner(config: Config) -> str:
     m, f = config.method, config.federation
     from fedlora.device import describe_device
 
+    if config.private and config.privacy.noise == "seeded":
+        privacy += (" · seeded noise (privacy.noise=seeded): ε holds only against parties who do "
+                    "not know the seed")
     return (f"fedlora: {m.name} r={m.rank} α={m.alpha:g} on {','.join(m.target_modules)} · "
             f"{f.clients} clients × {f.rounds} rounds × {f.local_steps} local steps · {privacy} · "
             f"device {describe_device(config.device)}")

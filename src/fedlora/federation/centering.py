@@ -35,6 +35,7 @@ from fedlora.data.batching import collate
 from fedlora.device import device_of, to_device
 from fedlora.methods import keys
 from fedlora.methods.base import GlobalState, State
+from fedlora.privacy.randomness import Stream
 
 CENTER_ROUND = -1  # the "round" number of the query: it precedes round 0
 SUM = "feature_sum"
@@ -64,24 +65,23 @@ def pooled_classifier(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def noisy_feature_sum(model: nn.Module, token_ids: list[list[int]], rate: float, noise: float,
-                      pad_id: int, micro_batch: int, generator: torch.Generator) -> State:
+                      pad_id: int, micro_batch: int, stream: Stream) -> State:
     """{SUM: Σ_{i ∈ Poisson(rate) sample} e_i + N(0, noise² I), COUNT: rate·n} (see module doc).
 
     Features are computed on the model's device; the sample and the noise are drawn from
-    `generator` on its own device (a seeded CPU generator: the same on any device), and the
-    answer — what leaves the client — is on the CPU."""
+    the client's "center" `stream` on the CPU (secret by default: `fedlora.privacy.randomness`),
+    and the answer — what leaves the client — is on the CPU."""
     classifier = pooled_classifier(model)
     device = device_of(model)
     was_training = model.training
     model.eval()
-    chosen = (torch.rand(len(token_ids), generator=generator) < rate).nonzero().flatten().tolist()
+    chosen = (stream.uniform(len(token_ids)) < rate).nonzero().flatten().tolist()
     chosen.sort(key=lambda i: len(token_ids[i]))  # length-sorted: little padding
     total = classifier.feature_center.new_zeros(classifier.feature_center.shape, dtype=torch.float64)
     for start in range(0, len(chosen), micro_batch):
         batch = to_device(collate(token_ids, chosen[start:start + micro_batch], pad_id), device)
         total += classifier.features(**batch).to(torch.float64).sum(0)
-    total += torch.randn(total.shape, generator=generator, dtype=torch.float64,
-                         device=generator.device).to(device) * noise
+    total += stream.normal(tuple(total.shape), 1.0, torch.float64).to(device) * noise
     model.train(was_training)
     return {SUM: total.to(torch.float32).cpu(), COUNT: torch.tensor(rate * len(token_ids))}
 

@@ -24,10 +24,10 @@ from fedlora.federation import centering
 from fedlora.federation.timing import Timings, phase
 from fedlora.federation.wire import state_digest
 from fedlora.privacy.accountant import PrivacyAccountant
-from fedlora.privacy.dpsgd import clip_and_noise, per_sample_gradients
+from fedlora.privacy.dpsgd import clip_and_sum, gaussian_noise, per_sample_gradients
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.plan import ClientPrivacy
-from fedlora.seeding import derive_seed
+from fedlora.privacy.randomness import Randomness, Stream, randomness_for
 
 
 @dataclass
@@ -71,6 +71,11 @@ class Client:
     personal: State = field(default_factory=dict)
     steps: int = 0  # DP-SGD steps taken over all rounds
     ledger: PrivacyLedger | None = None  # persisted before each upload leaves (resume-safe ε)
+    randomness: Randomness | None = None  # DP noise and sampling; default: by privacy.noise
+
+    def __post_init__(self):
+        if self.randomness is None:  # secret unless asked otherwise: a key in memory only
+            self.randomness = randomness_for("secret", self.seed, self.cid)
 
     @property
     def num_examples(self) -> int:
@@ -100,26 +105,40 @@ class LocalTrainer:
 
     # ------------------------------------------------------------------ one client round
     def train(self, client: Client, download: State, round: int) -> ClientReply:
-        """One round of local training; with a ledger, a round already trained on this very
-        download is replayed without charging ε again (see `fedlora.privacy.ledger`)."""
-        privacy = client.privacy
-        digest, seen = None, None
+        """One round of local training (or, `round == CENTER_ROUND`, the centring query).
+
+        With a ledger, a round this client already released is answered from the ledger: the
+        stored release, bit for bit, if it was released from this very download; else refused
+        (see `fedlora.privacy.ledger`). A new release is on disk before it leaves."""
+        digest = None
         if client.ledger is not None:
-            # everything the round's result depends on besides the data and the seeds
+            # everything the round's result depends on besides the data and the randomness
             with phase(self.timings, "ledger"):
                 digest = state_digest({**{f"download/{k}": v for k, v in download.items()},
                                        **{f"personal/{k}": v for k, v in client.personal.items()}})
             seen = client.ledger.entry(round)
-            if seen is not None and seen["digest"] != digest:
-                return self._refuse(client, f"client {client.cid} already trained round {round + 1} "
-                                            "from a different model; retraining it with the same "
-                                            "noise would leak — it sits this round out")
-        replay = seen is not None
+            if seen is not None:
+                return self._replay(client, round, digest, seen)
         if round == centering.CENTER_ROUND:
-            return self._center_query(client, download, replay, digest, seen)
-        if not replay and not privacy.can_take(self.local_steps):
+            return self._center_query(client, download, digest)
+        privacy = client.privacy
+        if not privacy.can_take(self.local_steps):
             return self._refuse(client, f"client {client.cid} has spent its privacy budget "
                                         f"(ε={privacy.spent():.3f} of {privacy.epsilon}); it stops")
+        local, losses = self._local_round(client, download, round)
+        client.personal = {k: v for k, v in local.items() if self.method.personal(k)}
+        upload = lowrank.slice_to_rank(self.method.upload(local, round),
+                                       self.method.client_rank(client.cid))
+        loss = float(sum(losses) / len(losses)) if losses else math.nan
+        self._release(client, round, digest, upload, loss)
+        return ClientReply(client=client.cid, upload=upload, num_examples=client.num_examples,
+                           epsilon=_spent_after(privacy, None), steps=client.steps,
+                           train_loss=loss)
+
+    def _local_round(self, client: Client, download: State, round: int) -> tuple[State, list]:
+        """`local_steps` DP-SGD steps from the download: the adapter state after them, and the
+        batches' mean losses (a local diagnostic: they never leave the client)."""
+        privacy = client.privacy
         rank = self.method.client_rank(client.cid)
         self.handle.install(self.method.client_state(self.initial, client.personal, download,
                                                      client.cid))
@@ -128,9 +147,8 @@ class LocalTrainer:
         # a rank-r_k client on the rank-r_max model: coordinates beyond r_k stay exactly zero
         masked = {k: self.handle.param(k) for k in keys} if rank < self.method.max_rank else {}
         optimizer = self._optimizer(params)
-        # a CPU generator on any device: the same seed gives the same noise on a CPU and a GPU
-        noise = torch.Generator().manual_seed(derive_seed(client.seed, "noise", client.cid, round))
-        torch.manual_seed(derive_seed(client.seed, "dropout", client.cid, round))
+        noise = client.randomness.stream("noise", round)  # drawn on the CPU on any device
+        torch.manual_seed(client.randomness.torch_seed("dropout", round))
         self.model.train()
         losses = []
         for batch in self.poisson_batches(client, round):
@@ -141,54 +159,65 @@ class LocalTrainer:
             optimizer.zero_grad(set_to_none=True)
             if masked:
                 lowrank.zero_beyond_rank_(masked, rank)
-            if not replay:
-                privacy.record_step()  # recorded before anything leaves the client
+            privacy.record_step()  # recorded before anything leaves the client
             client.steps += 1
             if loss is not None:
                 losses.append(loss)
         self.model.eval()
         self.handle.set_trainable(lambda k: False)
-        local = self.handle.state()
-        client.personal = {k: v for k, v in local.items() if self.method.personal(k)}
-        if client.ledger is not None and not replay:  # on disk before the upload leaves
-            with phase(self.timings, "ledger"):
-                client.ledger.record(round, digest, privacy.accountant.state_dict())
-        return ClientReply(
-            client=client.cid,
-            upload=lowrank.slice_to_rank(self.method.upload(local, round), rank),
-            num_examples=client.num_examples,
-            epsilon=_spent_after(privacy, seen),
-            steps=client.steps,
-            train_loss=float(sum(losses) / len(losses)) if losses else math.nan,
-        )
+        return self.handle.state(), losses
 
-    def _center_query(self, client: Client, download: State, replay: bool, digest: str | None,
-                      seen: dict | None) -> ClientReply:
+    def _release(self, client: Client, round: int, digest: str | None, upload: State,
+                 loss: float | None = None) -> None:
+        """Write the ledger entry (and the released tensors) before the upload leaves."""
+        if client.ledger is None:
+            return
+        with phase(self.timings, "ledger"):
+            client.ledger.record(round, digest, client.privacy.accountant.state_dict(), upload,
+                                 client.personal, client.steps,
+                                 loss if loss is not None and math.isfinite(loss) else None)
+
+    def _replay(self, client: Client, round: int, digest: str, seen: dict) -> ClientReply:
+        """A round this client already released: the same release again, or a refusal."""
+        if seen["digest"] != digest:
+            return self._refuse(client, f"client {client.cid} already trained round {round + 1} "
+                                        "from a different model; training it again would pair two "
+                                        "updates on one noise stream — it sits this round out")
+        kept = client.ledger.release(round)
+        if kept is None:
+            return self._refuse(client, f"client {client.cid} released round {round + 1} before "
+                                        "the server's checkpoint and no longer keeps it (a "
+                                        "checkpointed round is never asked for again) — it sits "
+                                        "this round out")
+        upload, client.personal = kept
+        client.steps = seen["steps"]
+        return ClientReply(client=client.cid, upload=upload, num_examples=client.num_examples,
+                           epsilon=_spent_after(client.privacy, seen), steps=client.steps,
+                           train_loss=seen.get("loss", math.nan))
+
+    def _center_query(self, client: Client, download: State, digest: str | None) -> ClientReply:
         """Answer the DP feature-centring query (`fedlora.federation.centering`)."""
         privacy = client.privacy
         if privacy.center_rate <= 0:
             return self._refuse(client, f"client {client.cid} was not set up for feature centring "
                                         "(model.center differs between server and client)")
-        if not replay and not privacy.can_answer_center_query():
+        if not privacy.can_answer_center_query():
             return self._refuse(client, f"client {client.cid} has spent its privacy budget "
                                         f"(ε={privacy.spent():.3f} of {privacy.epsilon}); it stops")
         self.handle.install(self.method.client_state(self.initial, client.personal, download,
                                                      client.cid))
-        gen = torch.Generator().manual_seed(derive_seed(client.seed, "center", client.cid))
         answer = centering.noisy_feature_sum(self.model, client.token_ids, privacy.center_rate,
-                                             privacy.center_noise,
-                                             self.pad_id, self.train_cfg.micro_batch_size, gen)
-        if not replay:
-            privacy.record_center_query()  # recorded before anything leaves the client
-        if client.ledger is not None and not replay:  # on disk before the answer leaves
-            client.ledger.record(centering.CENTER_ROUND, digest, privacy.accountant.state_dict())
+                                             privacy.center_noise, self.pad_id,
+                                             self.train_cfg.micro_batch_size,
+                                             client.randomness.stream("center"))
+        privacy.record_center_query()  # recorded before anything leaves the client
+        self._release(client, centering.CENTER_ROUND, digest, answer)
         return ClientReply(client=client.cid, upload=answer, num_examples=client.num_examples,
-                           epsilon=_spent_after(privacy, seen), steps=client.steps,
+                           epsilon=_spent_after(privacy, None), steps=client.steps,
                            train_loss=math.nan)
 
     def _refuse(self, client: Client, reason: str) -> ClientReply:
-        return ClientReply(client.cid, {}, client.num_examples, client.privacy.spent(),
-                           client.steps, math.nan, refused=reason)
+        return refusal(client, reason)
 
     def _optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
         cfg = self.train_cfg
@@ -199,13 +228,14 @@ class LocalTrainer:
     def poisson_batches(self, client: Client, round: int) -> list[list[int]]:
         """The example indices of each of the round's `local_steps` batches: each example joins
         a batch independently with probability q (the sampling DP accounts for), drawn from a
-        generator seeded by (seed, client, round) — the same batches whoever asks."""
-        gen = torch.Generator().manual_seed(derive_seed(client.seed, "sample", client.cid, round))
+        the client's "sample" stream of the round (`fedlora.privacy.randomness`): secret by
+        default, so the server cannot tell which examples a batch held."""
+        stream = client.randomness.stream("sample", round)
         q = client.privacy.sample_rate
-        return [(torch.rand(client.num_examples, generator=gen) < q).nonzero().flatten().tolist()
+        return [(stream.uniform(client.num_examples) < q).nonzero().flatten().tolist()
                 for _ in range(self.local_steps)]
 
-    def _step(self, client: Client, batch_idx: list[int], keys: list[str], noise: torch.Generator):
+    def _step(self, client: Client, batch_idx: list[int], keys: list[str], noise: Stream):
         """Set `.grad` on the trainable parameters; return the batch's mean loss (or None).
 
         With DP: g = (Σ_i clip_C(g_i) + N(0, σ²C²)) / (q·n), each example clipped to C = `clip`.
@@ -231,18 +261,19 @@ class LocalTrainer:
                 value["losses"] = self.per_example_loss(client, idx)
                 return value["losses"]
 
-            samples = per_sample_gradients(self.model, loss_fn)
-            clipped, _ = clip_and_noise(samples, clip=privacy.clip, noise_multiplier=0.0,
-                                        expected_batch_size=1.0, generator=None)
+            clipped, _ = clip_and_sum(per_sample_gradients(self.model, loss_fn), privacy.clip)
             for name in names:
                 summed[name] += clipped[name]
             total += float(value["losses"].detach().sum())
-        empty = {n: p.new_zeros((0, *p.shape)) for n, p in zip(names, params)}
-        noise_only, _ = clip_and_noise(empty, clip=privacy.clip,  # an empty batch is pure noise
-                                       noise_multiplier=privacy.noise_multiplier,
-                                       expected_batch_size=1.0, generator=noise)
+        # an empty batch is pure noise; the noise is drawn once per step, for every parameter
+        std = privacy.noise_multiplier * privacy.clip
+        drawn = gaussian_noise({n: tuple(p.shape) for n, p in zip(names, params)}, std, noise) \
+            if std > 0 else {}
         for name, p in zip(names, params):
-            p.grad = (summed[name] + noise_only[name]) / expected
+            grad = summed[name]
+            if name in drawn:
+                grad = grad + drawn[name].to(grad)
+            p.grad = grad / expected
         return total / len(batch_idx) if batch_idx else None
 
     def _plain_step(self, client: Client, chunks: list[list[int]], n: int) -> float | None:
@@ -264,6 +295,12 @@ class LocalTrainer:
         return self.loss(self.model, client.token_ids, client.labels, idx, self.pad_id)
 
 
+def refusal(client: Client, reason: str) -> ClientReply:
+    """The client's answer when it will not train: no upload, what it has spent, and why."""
+    return ClientReply(client.cid, {}, client.num_examples, client.privacy.spent(),
+                       client.steps, math.nan, refused=reason)
+
+
 def _spent_after(privacy: ClientPrivacy, replayed: dict | None) -> float:
     """ε reported with an upload: spent so far, or for a replayed round what was spent then."""
     if not privacy.enabled:
@@ -272,4 +309,4 @@ def _spent_after(privacy: ClientPrivacy, replayed: dict | None) -> float:
         return privacy.spent()
     then = PrivacyAccountant(privacy.accountant.kind)
     then.load_state_dict(replayed["accountant"])
-    return then.epsilon(privacy.delta)
+    return privacy.total(then).epsilon(privacy.delta)

@@ -246,7 +246,9 @@ def _record(r, selected, exchange, accepted, rejected, state, scores, seconds) -
         "round": r + 1,
         **{k: scores.get(k) for k in ("test_accuracy", "test_loss")},
         **{k: v for k, v in scores.items() if k not in ("test_accuracy", "test_loss")},
-        "train_loss": sum(losses) / len(losses) if losses else None,
+        # the clients' mean training loss: a local diagnostic the simulation reads in-process;
+        # it is not DP-protected, so a real (Flower) server never receives it (None there)
+        "local_train_loss": sum(losses) / len(losses) if losses else None,
         "epsilon": max(state.epsilon.values(), default=0.0),
         "epsilon_per_client": [state.epsilon.get(c, 0.0) for c in range(_n(state))],
         "clients": selected,

@@ -20,7 +20,10 @@ import torch
 from opacus.grad_sample import GradSampleModule
 from torch import Tensor, nn
 
-__all__ = ["per_sample_gradients", "per_sample_norms", "clip_factors", "clip_and_noise"]
+from fedlora.privacy.randomness import Stream, TorchStream
+
+__all__ = ["per_sample_gradients", "per_sample_norms", "clip_factors", "clip_and_sum",
+           "gaussian_noise", "clip_and_noise"]
 
 NORM_EPS = 1e-6  # as Opacus: the clip factor is C / (‖g_i‖ + 1e-6)
 
@@ -179,13 +182,41 @@ def clip_factors(norms: Tensor, clip: float) -> Tensor:
     return (clip / (norms + NORM_EPS)).clamp(max=1.0)
 
 
+def clip_and_sum(grad_samples: dict[str, Tensor], clip: float) -> tuple[dict[str, Tensor], Tensor]:
+    """Σ_i min(1, C/(‖g_i‖+1e-6)) · g_i per parameter (flat clipping over all parameters), and
+    the per-example norms ‖g_i‖ before clipping, shape (n,). Adding or removing one example
+    moves the sum by at most C: the sensitivity the Gaussian noise is scaled to."""
+    if not grad_samples:
+        raise ValueError("grad_samples is empty: no trainable parameters")
+    if not clip > 0:
+        raise ValueError(f"clip must be > 0, got {clip!r}")
+    sizes = {g.shape[0] for g in grad_samples.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"grad samples disagree on the batch size: {sorted(sizes)}")
+    norms = per_sample_norms(grad_samples)
+    factors = clip_factors(norms, clip)
+    summed = {name: torch.einsum("i,i...->...", factors.to(g.dtype), g)
+              for name, g in grad_samples.items()}
+    return summed, norms
+
+
+def gaussian_noise(shapes: dict[str, tuple[int, ...]], std: float, stream: Stream,
+                   dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """N(0, std² I) for each parameter, drawn from `stream` one parameter at a time in sorted
+    name order (so the same stream gives the same noise whatever order the names come in), on
+    the CPU: a secret or seeded CPU stream gives GPU gradients the very noise it gives CPU ones."""
+    if not std >= 0:
+        raise ValueError(f"noise std must be >= 0, got {std!r}")
+    return {name: stream.normal(tuple(shapes[name]), std, dtype) for name in sorted(shapes)}
+
+
 def clip_and_noise(
     grad_samples: dict[str, Tensor],
     *,
     clip: float,
     noise_multiplier: float,
     expected_batch_size: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Stream | None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """DP-SGD's private gradient, with flat clipping over all parameters:
 
@@ -196,34 +227,21 @@ def clip_and_noise(
     sampled batch). `grad_samples[name]` has shape (n, *param.shape); for an empty batch pass
     tensors of shape (0, *param.shape) — the result is then pure noise / B.
 
-    Noise is drawn with `torch.normal(..., generator=generator)` one parameter at a time in
-    sorted name order, so the same generator state gives the same noise; with σ = 0 nothing
-    is drawn. It is drawn on the generator's device and moved to the gradients' (a seeded CPU
-    generator gives GPU gradients the very noise it gives CPU ones). Returns the private
-    gradients (same names and order as `grad_samples`) and the per-example norms ‖g_i‖
-    before clipping, shape (n,).
+    The noise comes from `generator`: a `Stream` (`fedlora.privacy.randomness`) or a torch
+    generator (as a seeded stream), see `gaussian_noise`; with σ = 0 nothing is drawn. Returns
+    the private gradients (same names and order as `grad_samples`) and the per-example norms
+    ‖g_i‖ before clipping, shape (n,).
     """
-    if not grad_samples:
-        raise ValueError("grad_samples is empty: no trainable parameters")
-    if not clip > 0:
-        raise ValueError(f"clip must be > 0, got {clip!r}")
     if not noise_multiplier >= 0:
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
     if not expected_batch_size > 0:
         raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size!r}")
-    sizes = {g.shape[0] for g in grad_samples.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"grad samples disagree on the batch size: {sorted(sizes)}")
-
-    norms = per_sample_norms(grad_samples)
-    factors = clip_factors(norms, clip)
-    summed = {name: torch.einsum("i,i...->...", factors.to(g.dtype), g)
-              for name, g in grad_samples.items()}
+    summed, norms = clip_and_sum(grad_samples, clip)
     if noise_multiplier > 0:
-        std = noise_multiplier * clip
-        for name in sorted(summed):
-            s = summed[name]
-            drawn_on = generator.device if generator is not None else s.device
-            s += torch.normal(0.0, std, size=s.shape, generator=generator, dtype=s.dtype,
-                              device=drawn_on).to(s.device)
+        stream = generator if not isinstance(generator, (torch.Generator, type(None))) \
+            else TorchStream.of(generator)
+        noise = gaussian_noise({n: tuple(g.shape) for n, g in summed.items()},
+                               noise_multiplier * clip, stream, next(iter(summed.values())).dtype)
+        for name in summed:
+            summed[name] += noise[name].to(summed[name])
     return {name: s / expected_batch_size for name, s in summed.items()}, norms

@@ -31,37 +31,46 @@ class ClientPrivacy:
     accountant: PrivacyAccountant = field(repr=False)
     center_rate: float = 0.0  # 0: no feature-centring query planned
     center_noise: float = 0.0
+    # What the client spent on the same data before this run (a Flower site's ledger is per
+    # data set: `[(σ, q, steps), ...]` of its other runs), and the cap on everything together
+    # (None: `epsilon`). Both count in `spent` and in every budget check.
+    prior: tuple = ()
+    budget: float | None = None
 
     @property
     def enabled(self) -> bool:
         return math.isfinite(self.epsilon)
 
-    def spent(self) -> float:
-        return self.accountant.epsilon(self.delta) if self.enabled else math.inf
+    def total(self, accountant: PrivacyAccountant | None = None) -> PrivacyAccountant:
+        """`accountant` (default: this run's) composed after the prior spending."""
+        accountant = accountant or self.accountant
+        if not self.prior:
+            return accountant
+        both = PrivacyAccountant(accountant.kind)
+        both.load_state_dict({"kind": accountant.kind,
+                              "history": [list(e) for e in (*self.prior, *accountant.history)]})
+        return both
 
-    def can_take(self, steps: int) -> bool:
-        """Would `steps` more steps keep ε within the target?"""
+    def spent(self) -> float:
+        return self.total().epsilon(self.delta) if self.enabled else math.inf
+
+    def _fits(self, noise_multiplier: float, sample_rate: float, steps: int) -> bool:
         if not self.enabled:
             return True
-        after = self.accountant.epsilon_after(
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate,
-            steps=steps,
-            delta=self.delta,
-        )
-        return after <= self.epsilon
+        after = self.total().epsilon_after(noise_multiplier=noise_multiplier,
+                                           sample_rate=sample_rate, steps=steps, delta=self.delta)
+        return after <= (self.budget if self.budget is not None else self.epsilon)
+
+    def can_take(self, steps: int) -> bool:
+        """Would `steps` more steps keep ε (prior spending included) within the budget?"""
+        return self._fits(self.noise_multiplier, self.sample_rate, steps)
 
     def record_step(self) -> None:
         if self.enabled:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
     def can_answer_center_query(self) -> bool:
-        if not self.enabled:
-            return True
-        after = self.accountant.epsilon_after(noise_multiplier=self.center_noise,
-                                              sample_rate=self.center_rate, steps=1,
-                                              delta=self.delta)
-        return after <= self.epsilon
+        return self._fits(self.center_noise, self.center_rate, 1)
 
     def record_center_query(self) -> None:
         if self.enabled:

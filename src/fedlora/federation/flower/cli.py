@@ -49,6 +49,14 @@ def add_parser(sub) -> None:
     node.add_argument("--label-column")
     node.add_argument("--state-dir", help="where the site keeps its privacy ledger and personal "
                       "tensors between rounds and restarts (default: ./fedlora-state/client-K)")
+    node.add_argument("--epsilon", type=float, help="the most this site spends on its data, over "
+                      "every run (a run asking for more is refused; docs/privacy.md)")
+    node.add_argument("--delta", type=float, help="the largest δ this site accepts")
+    node.add_argument("--clip", type=float, help="the only per-example clip this site trains with")
+    node.add_argument("--allow-seeded-noise", action="store_true", help="accept runs with "
+                      "privacy.noise=seeded (noise the server can regenerate: research only)")
+    node.add_argument("--share-evaluation", action="store_true", help="send personalised "
+                      "evaluation scores to the server (not DP-protected)")
     node.add_argument("--root-certificates", help="CA certificate that signed the SuperLink's")
     node.add_argument("--auth-key", help="private key from `fedlora flower node-key`")
 
@@ -118,6 +126,12 @@ def _node_config(args: argparse.Namespace) -> dict:
     # because the ClientApp process does not share this shell's working directory
     state = Path(args.state_dir) if args.state_dir else Path("fedlora-state") / f"client-{cid}"
     values["state-dir"] = str(state.absolute())
+    for key in ("epsilon", "delta", "clip"):  # the site's own privacy terms (terms.py)
+        if getattr(args, key, None) is not None:
+            values[key] = getattr(args, key)
+    for key in ("allow_seeded_noise", "share_evaluation"):
+        if getattr(args, key, False):
+            values[key.replace("_", "-")] = True
     return values
 
 

@@ -1,6 +1,10 @@
 """The ClientApp a SuperNode runs: answer who it is, train its own client on its own data,
 and (personalised methods) score its own model on its own held-out examples.
 
+A site keeps its privacy on its own terms, whatever the server asks: DP noise and Poisson
+batches from a secret key in its state folder, its own ε/δ/clip caps (terms.py), a ledger per
+data set, and nothing un-noised in any reply (`messages.SITE_FIELDS`).
+
 Every message starts from the site's state on its own disk (sitestate.py: privacy ledger,
 personal tensors, steps) and a training reply leaves only once that state is written, so a
 restarted SuperNode — or a resumed server — never finds a site with a fresh ε.
@@ -11,6 +15,7 @@ Every fedlora method and the DP-SGD step run unchanged: the site builds the same
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -20,11 +25,15 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from fedlora.errors import ConfigError  # noqa: E402
+from fedlora.federation.client import refusal  # noqa: E402
 from fedlora.federation.flower.messages import (RECORD, read_train, reply_record,  # noqa: E402
-                                                score_record)
+                                                score_record, withheld_record)
 from fedlora.federation.flower.runconfig import FlowerRun, read_run_config  # noqa: E402
 from fedlora.federation.flower.site import Site, client_id  # noqa: E402
 from fedlora.federation.flower.sitestate import SiteState, state_dir  # noqa: E402
+from fedlora.federation.flower.terms import SiteTerms  # noqa: E402
+
+log = logging.getLogger("fedlora.site")
 
 app = ClientApp()
 
@@ -39,36 +48,58 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the round the server asks for, continuing from this site's state on disk."""
+    """Train the round the server asks for, continuing from this site's state on disk, on the
+    site's own terms (its node config): a run asking for more privacy spending is refused."""
     run = read_run_config(context.run_config)
     instruction = read_train(msg.content.config_records[RECORD])
+    terms = SiteTerms.read(context.node_config)
     store = open_state(context.node_config, run)  # unreadable ledger: refused before any work
     if store.cid != instruction.client:
         raise ConfigError(f"sent to client {instruction.client}, but this site is client {store.cid}")
     with store.locked():
         site = Site.build(run.config, context.node_config, instruction.label_names)
-        store.forget_before(instruction.checkpointed)
-        store.restore(site.client, instruction.round)
-        reply = site.trainer.train(site.client, instruction.download(), instruction.round)
-        if reply.refused is None:  # the ledger entry is on disk already (written in `train`)
-            store.save(instruction.round, site.client)
+        why = terms.refusal(run.config)
+        if why is not None:
+            log.warning("site %d refuses round %d: %s", site.client.cid, instruction.round + 1, why)
+            reply = refusal(site.client, f"client {site.client.cid}: {why}")
+        else:
+            # the server's word prunes only what replays need; digests of released rounds stay
+            store.forget_before(instruction.checkpointed)
+            store.restore(site.client, instruction.round, run.config, site.data_digest,
+                          terms.budget(run.config))
+            reply = site.trainer.train(site.client, instruction.download(), instruction.round)
+            if reply.refused is None:  # the ledger entry is on disk already (written in `train`)
+                store.save(instruction.round, site.client)
+                log.info("site %d, round %d: local training loss %.4f (kept on the site)",
+                         site.client.cid, instruction.round + 1, reply.train_loss)
     content, _ = reply_record(reply, site.facts)
     return Message(RecordDict({RECORD: ConfigRecord(content)}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Personalised methods: this client's own model, scored on its own held-out examples."""
+    """Personalised methods: this client's own model, scored on its own held-out examples.
+
+    The scores are computed on private data without noise: they go to the site's own log, and
+    to the server only when the node config says share-evaluation=true (outside ε)."""
     run = read_run_config(context.run_config)
     instruction = read_train(msg.content.config_records[RECORD])
+    terms = SiteTerms.read(context.node_config)
     store = open_state(context.node_config, run)
     with store.locked():
         site = Site.build(run.config, context.node_config, instruction.label_names)
         # its personal tensors as round `instruction.round` left them
         site.client.personal, _ = store.before(instruction.round + 1)
     scores = site.evaluate(instruction.download(), full=instruction.full)
-    return Message(RecordDict({RECORD: ConfigRecord(score_record(
-        site.client.cid, scores, len(site.test_tokens)))}), reply_to=msg)
+    log.info("site %d, round %d: own model's test accuracy %.4f, loss %.4f", site.client.cid,
+             instruction.round + 1, scores["test_accuracy"], scores["test_loss"])
+    if not terms.share_evaluation:
+        record = withheld_record(site.client.cid, "its scores are computed on its private held-out "
+                                 "examples without DP noise, so they stay in its own log (node "
+                                 "config share-evaluation=true sends them, outside ε)")
+    else:
+        record = score_record(site.client.cid, scores, len(site.test_tokens))
+    return Message(RecordDict({RECORD: ConfigRecord(record)}), reply_to=msg)
 
 
 def open_state(node_config, run: FlowerRun) -> SiteState:

@@ -126,8 +126,9 @@ def supernode_command(*, superlink: str, port: int, node_config: dict, root_cert
 
 
 def node_config_text(values: dict) -> str:
-    """`key=value` pairs as Flower parses them: strings quoted, numbers bare."""
-    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in values.items())
+    """`key=value` pairs as Flower parses them: strings quoted, numbers and booleans bare."""
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, (str, bool)) else v}"
+                    for k, v in values.items())
 
 
 def executable(name: str) -> str:

@@ -2,6 +2,10 @@
 
 A train instruction carries the round and the download; a reply carries the upload, the
 number of examples, the ε the site has spent so far (over every round), and its DP plan.
+Every field a site sends is listed in `SITE_FIELDS`, with why it may leave the site
+(docs/privacy.md has the same table); a test fails if a message carries any other. The
+training loss is not among them: it is computed on the site's private batches without noise,
+so it stays in the site's own log.
 States travel as fedlora's safetensors encoding (`wire.encode_state`) in a `ConfigRecord`'s
 bytes value, so the bytes counted here are exactly the bytes the in-process simulation counts;
 Flower's own framing (message metadata, object ids) comes on top and is not counted.
@@ -9,6 +13,7 @@ Flower's own framing (message metadata, object ids) comes on top and is not coun
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fedlora.federation.client import ClientReply
@@ -16,6 +21,32 @@ from fedlora.federation.wire import decode_state, encode_state
 from fedlora.methods.base import State
 
 RECORD = "fedlora"
+
+# Every field of every message a site sends, and why it may leave the site. "DP": protected by
+# the site's DP mechanism and counted in its ε. "public": a function of the config, of what the
+# server sent, or of n_k, which the threat model treats as public (docs/privacy.md).
+SITE_FIELDS: dict[str, dict[str, str]] = {
+    "query": {"client": "public: the client id from the node config"},
+    "train": {
+        "client": "public: the client id from the node config",
+        "num-examples": "public: n_k, the site's number of training examples",
+        "noise-multiplier": "public: σ_k, calibrated from the config and n_k",
+        "sample-rate": "public: q_k = min(1, batch/n_k)",
+        "label-names": "public: the run's label names, as the server sent them",
+        "upload": "DP: the noisy update (or the noisy feature sum of the centring query)",
+        "epsilon": "public: ε spent, a function of σ_k, q_k and the steps taken",
+        "steps": "public: DP-SGD steps taken, a function of the config and the budget",
+        "refused": "public: why the site sits a round out (its terms, its budget, a replay)",
+    },
+    "evaluate": {
+        "client": "public: the client id from the node config",
+        "withheld": "public: why the site keeps its scores (share-evaluation is off)",
+        "accuracy": "NOT protected: sent only with share-evaluation=true (outside ε)",
+        "loss": "NOT protected: sent only with share-evaluation=true (outside ε)",
+        "examples": "public: how many held-out examples were scored",
+        "held-out": "public: the site's number of held-out examples",
+    },
+}
 
 
 @dataclass
@@ -56,10 +87,16 @@ def read_train(record) -> TrainInstruction:
 
 def score_record(client: int, scores: dict, held_out: int) -> dict:
     """A site's scores of its own model: accuracy, loss, and how many of its `held_out`
-    examples they are on (fewer: the fixed subset of a round before the last)."""
+    examples they are on (fewer: the fixed subset of a round before the last). Sent only when
+    the site's node config says share-evaluation=true: they are not DP-protected."""
     return {"client": client, "accuracy": float(scores["test_accuracy"]),
             "loss": float(scores["test_loss"]),
             "examples": int(scores.get("test_examples", held_out)), "held-out": int(held_out)}
+
+
+def withheld_record(client: int, reason: str) -> dict:
+    """A site's answer to an evaluation when it keeps its scores to itself (the default)."""
+    return {"client": client, "withheld": reason}
 
 
 def facts_record(facts: SiteFacts) -> dict:
@@ -78,8 +115,7 @@ def reply_record(reply: ClientReply, facts: SiteFacts) -> tuple[dict, int]:
     """The reply as record values, and the size of its encoded upload (0 for a refusal)."""
     payload = encode_state(reply.upload) if reply.refused is None else b""
     return {**facts_record(facts), "upload": payload, "epsilon": float(reply.epsilon),
-            "steps": int(reply.steps), "train-loss": float(reply.train_loss),
-            "refused": reply.refused or ""}, len(payload)
+            "steps": int(reply.steps), "refused": reply.refused or ""}, len(payload)
 
 
 def read_reply(record) -> tuple[ClientReply, SiteFacts, int]:
@@ -92,7 +128,7 @@ def read_reply(record) -> tuple[ClientReply, SiteFacts, int]:
         num_examples=int(record["num-examples"]),
         epsilon=float(record["epsilon"]),
         steps=int(record["steps"]),
-        train_loss=float(record["train-loss"]),
+        train_loss=math.nan,  # never sent: the site's training loss stays in its own log
         refused=refused,
     )
     return reply, read_facts(record), len(payload)

@@ -7,10 +7,11 @@ Node config (`flower-supernode --node-config '...'`), one of:
 * `partition-id=K num-partitions=N`: for demos, part K of the run's `data.path` split exactly
   as the in-process simulation splits it (N must equal `federation.clients`).
 
-plus, for any site, `state-dir="/abs/folder"`: where the site keeps its privacy ledger and
-personal tensors (see sitestate.py; default `$FLWR_HOME/fedlora-state/client-<k>`), and
+plus, for any site, `state-dir="/abs/folder"`: where the site keeps its privacy ledger, secret
+keys and personal tensors (see sitestate.py; default `$FLWR_HOME/fedlora-state/client-<k>`),
 `device="cuda:1"` (or cpu, cuda, auto): where this site computes, instead of the run's `device`
-(whose default, auto, already lets each site use its own GPU if it has one).
+(whose default, auto, already lets each site use its own GPU if it has one), and the site's own
+privacy terms — `epsilon`, `delta`, `clip`, `allow-seeded-noise`, `share-evaluation` (terms.py).
 
 Flower starts a fresh ClientApp process for every message, so a site is rebuilt each round
 (the base model and LoRA A come from the run's seed, identical everywhere) and what must
@@ -23,6 +24,7 @@ continuous accountant would, across restarts of the SuperNode and of the server.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -34,13 +36,17 @@ from fedlora.experiment import Base, build_base, build_client, build_trainer, lo
 from fedlora.federation.client import Client, LocalTrainer
 from fedlora.federation.evaluate import Evaluator, personal_share, stratified_subset
 from fedlora.federation.flower.messages import SiteFacts
+from fedlora.federation.flower.sitestate import data_digest
+from fedlora.federation.flower.terms import TERM_KEYS
 from fedlora.methods import get_method
 from fedlora.methods.base import State
 from fedlora.seeding import derive_seed
 
+log = logging.getLogger("fedlora.site")
+
 DEMO_KEYS = ("partition-id", "num-partitions")
 OWN_KEYS = ("data-path", "text-column", "label-column", "client-id")
-SITE_KEYS = ("state-dir", "device")  # either kind of site
+SITE_KEYS = ("state-dir", "device") + TERM_KEYS  # either kind of site
 
 
 def client_id(node_config: Mapping[str, Any], config: Config) -> int:
@@ -130,15 +136,18 @@ class Site:
     eval_batch_size: int
     eval_examples: int = 0  # this site's share of federation.eval_examples (0: all, always)
     seed: int = 0
+    data_digest: str = ""  # names the site's training data: its ledger is per data set
 
     @classmethod
     def build(cls, config: Config, node_config: Mapping[str, Any], label_names: list[str]) -> "Site":
         """`label_names` are the server's: a site's labels are numbered by name, as the server's."""
         data = site_examples(config, node_config)
         unknown = sorted(set(data.labels + data.test_labels) - set(label_names))
-        if unknown:
-            raise DataError(f"site {data.client}: labels {unknown} are not among the run's labels "
-                            f"{label_names} — relabel the site's data")
+        if unknown:  # named in the site's own log only: the site's label set is its own business
+            log.error("site %d: labels %s are not among the run's labels %s — relabel the site's "
+                      "data", data.client, unknown, label_names)
+            raise DataError(f"site {data.client}: some of its labels are not among the run's "
+                            "labels (the site's log names them) — relabel the site's data")
         index = {n: i for i, n in enumerate(label_names)}
         base = build_base(site_config(config, node_config), len(label_names))
         client = build_client(config, data.client, base.encode(data.texts, config),
@@ -147,7 +156,8 @@ class Site:
         return cls(client, build_trainer(config, base), list(label_names), base,
                    base.encode(data.test_texts, config) if data.test_texts else [],
                    [index[n] for n in data.test_labels], config.train.eval_batch_size,
-                   personal_share(f.eval_examples, f.clients), config.seed)
+                   personal_share(f.eval_examples, f.clients), config.seed,
+                   data_digest(data.texts, data.labels))
 
     def evaluate(self, download: State, full: bool = True) -> dict[str, float]:
         """This client's own model (its personal tensors + the download) on its held-out part:

@@ -4,27 +4,35 @@ Flower starts a new ClientApp process for every message, and a SuperNode that is
 or a server that is restarted, which makes a new Flower run — forgets everything it held in
 memory. A site's privacy ledger must not be forgotten with it: starting again from ε = 0
 would under-report what the site has released. So a site keeps, in its state folder
-(node config `state-dir`), one folder per fedlora run:
+(node config `state-dir`):
 
-    <state-dir>/run-<key>/
-        site.json               which run (config digest, server's run folder) and client
-        ledger.json             the privacy ledger (`fedlora.privacy.ledger`): per round trained,
-                                the digest of what the site started from, and its accountant
-                                after the round — written before the upload leaves
-        round-<r>.safetensors   the site's personal tensors after round r (steps in metadata)
-        .lock                   one ClientApp process at a time
+    <state-dir>/
+        spent-<data>.json           what the site has spent on one data set, per run, over every
+                                    run ever (`SpentBook`): a new run folder, a changed config or
+                                    a restarted server never starts its ε at 0 again
+        .lock                       one ClientApp process at a time, whatever the run
+        run-<key>/
+            site.json               which run (config digest, server's run folder) and client
+            secret.key              the run's secret key (0600): its DP noise and Poisson batches
+                                    come from it (`fedlora.privacy.randomness`); never sent
+            ledger.json             the run's privacy ledger (`fedlora.privacy.ledger`): per round
+                                    released, the digest of what the site started from and its
+                                    accountant after it — written before the upload leaves
+            ledger-release-<r>.safetensors   the tensors released in round r, for replays
+            round-<r>.safetensors   the site's personal tensors after round r (steps in metadata)
 
 `key` hashes the run's config (threads aside) and the server's run folder: a resumed run
-(same folder, same config) finds its ledger again; a new run starts a new one, as a new
-`fedlora run` does. Every file is written atomically; anything unreadable is refused with
-one message rather than trained past.
+(same folder, same config) finds its ledger and key again; another run gets a new key, so no
+two runs share noise. `data` hashes the site's training examples. Every file is written
+atomically; anything unreadable is refused with one message rather than trained past, and a
+missing key beside a ledger that records releases is refused too (`load_or_create_key`).
 
 Why keep the personal tensors of each round rather than the last: a server resumed from its
 checkpoint after round c asks for round c + 1 again. To replay it — and be charged nothing,
 see the ledger — the site must start from exactly what it started from the first time,
 its state after its last round ≤ c. The server says with every instruction which rounds it
-has checkpointed; older snapshots and ledger entries are dropped then (the ledger keeps the
-spent ε), so the folder stays as small as the checkpoint interval.
+has checkpointed; older snapshots and released tensors are dropped then, never the digests
+that let the site recognise (and refuse) a round it already released.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from fedlora.federation.wire import state_digest
 from fedlora.fsutil import atomic_write_bytes
 from fedlora.methods.base import State
 from fedlora.privacy.ledger import LedgerError, PrivacyLedger, adopt_ledger
+from fedlora.privacy.randomness import load_or_create_key
 
 SNAPSHOT = re.compile(r"round-(-?\d+)\.safetensors")  # round -1: a query before round 0
 
@@ -75,6 +84,7 @@ class SiteState:
 
     def __init__(self, folder: Path, cid: int):
         self.folder = folder
+        self.key = folder.name[len("run-"):]
         self.cid = cid
         self.ledger = PrivacyLedger(folder / "ledger.json")  # unreadable: LedgerError
 
@@ -107,10 +117,11 @@ class SiteState:
     @contextmanager
     def locked(self) -> Iterator["SiteState"]:
         """Hold the site's lock: a ClientApp still finishing a message of a crashed server's run
-        and one serving the resumed run must not both charge the same round."""
+        and one serving the resumed run must not both charge the same round, and two runs on the
+        same data must not both update its `SpentBook`."""
         import fcntl
 
-        with open(self.folder / ".lock", "w") as f:
+        with open(self.folder.parent / ".lock", "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 for torn in self.folder.glob(".*.tmp-*"):  # half-written by a killed process
@@ -121,12 +132,25 @@ class SiteState:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     # ---------------------------------------------------------------- rounds
-    def restore(self, client: Client, round: int) -> None:
+    def restore(self, client: Client, round: int, config: Config, data_digest: str,
+                budget: float) -> None:
         """Set up `client` to train (0-based) round `round`: its accountant is what its ledger
-        says it has spent (over every round, replayed ones included), its personal tensors and
-        steps are as its last round before `round` left them."""
+        says it has spent (over every round, replayed ones included), after what the site spent
+        on the same data in other runs (`SpentBook`), all within `budget`; its randomness is the
+        run's secret key (in secret mode); its personal tensors and steps are as its last round
+        before `round` left them."""
         adopt_ledger(self.ledger, client.privacy.accountant)
+        book = SpentBook(self.folder.parent / f"spent-{data_digest[:32]}.json")
+        book.charge(self.key, client.privacy.accountant.history)  # a crash may have left it behind
+        client.privacy.prior = tuple(book.others(self.key))
+        client.privacy.budget = budget
+        # charged on the site's book before the run's own ledger entry, so that a crash between
+        # the two can over-count, never under-count
+        self.ledger.before_record = lambda state: book.charge(self.key, state["history"])
         client.ledger = self.ledger
+        if config.privacy.noise == "secret":
+            client.randomness = load_or_create_key(self.folder / "secret.key",
+                                                   released=bool(self.ledger.rounds))
         client.personal, client.steps = self.before(round)
 
     def before(self, round: int) -> tuple[State, int]:
@@ -178,3 +202,39 @@ class SiteState:
                               "cannot start its next round from it; restore the folder or start "
                               "a new run") from None
         return tensors, steps
+
+
+class SpentBook:
+    """What a site has spent on one data set: `{"runs": {run key: [[σ, q, steps], ...]}}`.
+
+    The site's ε on that data composes every run's history (`ClientPrivacy.prior` holds the
+    other runs'). A run's entry only grows: `charge` keeps the longer of what is written and
+    what it is given."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.runs: dict[str, list] = {}
+        if path.exists():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                self.runs = {str(k): [[float(s), float(q), int(n)] for s, q, n in v]
+                             for k, v in data["runs"].items()}
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise LedgerError(f"site ledger '{path}' is unreadable ({err}) — what the site has "
+                                  "spent on its data cannot be trusted; restore the file") from None
+
+    def others(self, run: str) -> list[tuple[float, float, int]]:
+        return [tuple(e) for k, v in sorted(self.runs.items()) if k != run for e in v]
+
+    def charge(self, run: str, history) -> None:
+        history = [[float(s), float(q), int(n)] for s, q, n in history]
+        if sum(e[2] for e in history) <= sum(e[2] for e in self.runs.get(run, [])):
+            return
+        self.runs[run] = history
+        atomic_write_bytes(self.path, json.dumps({"runs": self.runs}).encode("utf-8"))
+
+
+def data_digest(texts: list[str], labels: list[str]) -> str:
+    """Names a site's data set whatever the order of its rows: SHA-256 of its sorted examples."""
+    rows = sorted(hashlib.sha256(f"{t}\0{y}".encode()).hexdigest() for t, y in zip(texts, labels))
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()

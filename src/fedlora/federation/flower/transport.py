@@ -40,6 +40,7 @@ class FlowerTransport:
         self.steps: dict[int, int] = {}
         self.saved_rounds = 0  # rounds the last checkpoint holds (0: none); sites may forget them
         self.last_round = -1  # the latest round exchanged (personalised scores are of it)
+        self.withheld: set[int] = set()  # sites that keep their personalised scores
 
     # ---------------------------------------------------------------- who is out there
     def connect(self, timeout: float, minimum: int) -> None:
@@ -163,6 +164,11 @@ class FlowerTransport:
                 self.say(f"client {cid} could not score its model — {msg.error.reason}")
                 continue
             record = msg.content.config_records[RECORD]
+            if "withheld" in record:
+                if cid not in self.withheld:
+                    self.say(f"client {cid} keeps its scores: {record['withheld']}")
+                self.withheld.add(cid)
+                continue
             scores[cid] = (float(record["accuracy"]), float(record["loss"]),
                            int(record["examples"]), int(record["held-out"]))
         return scores
