@@ -17,7 +17,8 @@ from dp_accounting import pld, rdp
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedlora.errors import ConfigError
-from fedlora.privacy import accountant as acc_mod
+from fedlora.privacy import calibration
+from fedlora.privacy import epsilon as acc_mod
 from fedlora.privacy.accountant import KINDS, PrivacyAccountant, calibrate_noise
 
 # dp_accounting's RDP logs a warning per fractional order it cannot sum; harmless here.
@@ -151,15 +152,39 @@ def test_infinite_epsilon_means_no_noise():
 def test_verification_raises_sigma_until_target_met():
     """If the bisection's σ were too small, the fresh check raises it (never under-reports)."""
     good = calibrate_noise(3.0, 1e-5, 1 / 16, 160)
-    fixed = acc_mod._verified(good * 0.99, 3.0, 1e-5, 1 / 16, 160, "rdp")
+    fixed = calibration._verified(good * 0.99, 3.0, 1e-5, 1 / 16, 160, "rdp")
     assert good * 0.99 < fixed <= good * 1.001
     assert epsilon_of("rdp", fixed, 1 / 16, 160, 1e-5) <= 3.0
 
 
 def test_stalled_bisection_returns_best_sigma_seen(monkeypatch):
-    monkeypatch.setattr(acc_mod, "_CALIBRATION_MAX_EVALUATIONS", 3)
-    sigma = acc_mod.calibrate_noise.__wrapped__(3.0, 1e-5, 1 / 16, 160, "rdp")
+    monkeypatch.setattr(calibration, "MAX_EVALUATIONS", 3)
+    sigma = calibration.calibrate_noise.__wrapped__(3.0, 1e-5, 1 / 16, 160, "rdp")
     assert epsilon_of("rdp", sigma, 1 / 16, 160, 1e-5) <= 3.0
+    monkeypatch.undo()
+    unstalled = calibration.calibrate_noise.__wrapped__(3.0, 1e-5, 1 / 16, 160, "rdp")
+    assert sigma > unstalled  # it really stopped early: a larger σ, still within budget
+
+
+@pytest.mark.parametrize("target, q, steps", [(3.0, 1 / 16, 160), (1.0, 0.2, 20), (8.0, 0.01, 1000)])
+def test_the_bisection_finds_what_opacus_finds(target, q, steps):
+    """Our search, on Opacus's own RDP accountant (its default orders), returns exactly the σ of
+    Opacus's `get_noise_multiplier`: the same bracket and bisection, with no accountant hijack."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    def opacus_eps(sigma):
+        acc = RDPAccountant()
+        acc.history = [(sigma, q, steps)]
+        return acc.get_epsilon(1e-5)
+
+    want = get_noise_multiplier(target_epsilon=target, target_delta=1e-5, sample_rate=q,
+                                steps=steps, accountant="rdp", epsilon_tolerance=0.005 * target)
+    assert calibration.smallest_sigma(opacus_eps, target, 0.005 * target) == want
+
+
+def test_an_unreachable_target_is_refused_while_bracketing():
+    with pytest.raises(calibration._Unreachable):
+        calibration.smallest_sigma(lambda s: 1.0 + 1 / s, 0.5, 0.01)  # ε never below 1
 
 
 @pytest.mark.parametrize("kwargs", [
