@@ -95,7 +95,7 @@ def timed_run(config, work: Path, after_setup=None) -> dict[str, Any]:
     """
     import time
 
-    from fedlora.api import ServerSide, client_facts, execute
+    from fedlora.runner import ServerSide, client_facts, execute
     from fedlora.experiment import build_experiment, majority_accuracy
     from fedlora.federation.timing import phase
     from fedlora.federation.simulation import InProcessTransport

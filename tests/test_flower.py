@@ -30,7 +30,7 @@ from fedlora.federation.flower.server_app import build_server, connect  # noqa: 
 from fedlora.federation.flower.transport import FlowerTransport  # noqa: E402
 from fedlora.federation.wire import payload_bytes  # noqa: E402
 from fedlora.outputs import RunFolder  # noqa: E402
-from fedlora.api import execute  # noqa: E402
+from fedlora.runner import execute  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -66,10 +66,10 @@ DRIVER = textwrap.dedent('''
                 die()
         checkpoint.atomic_write_bytes = killing_write
     elif kind == "export":  # every round done, results not yet written
-        import fedlora.api
+        import fedlora.runner
         def killing_export(*args, **kwargs):
             die()
-        fedlora.api.export_adapter = killing_export
+        fedlora.runner.export_adapter = killing_export
     sys.exit(main(argv))
 ''')
 

@@ -28,7 +28,8 @@ from flwr.app import Context  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from fedlora import report  # noqa: E402
-from fedlora.api import ServerSide, execute, resume_config  # noqa: E402
+from fedlora.api import resume_config  # noqa: E402
+from fedlora.runner import ServerSide, execute  # noqa: E402
 from fedlora.config import Config  # noqa: E402
 from fedlora.data.sources import TextDataset, load_dataset  # noqa: E402
 from fedlora.experiment import (build_base, build_evaluators, evaluate_all, load_data,  # noqa: E402
