@@ -417,21 +417,21 @@ def test_rounds_to_target_is_an_upper_bound_when_rounds_were_not_scored(tmp_path
     """eval_every = 3: only round 3 is scored, so "reached at round 3" may have happened sooner."""
     for seed in (0, 1):
         folder = write_run(tmp_path / "s" / f"sparse{seed}", ["method.name=ffa", f"seed={seed}"],
-                           [0.6, 0.7, 0.7], up=10, down=10)
+                           [0.6, 0.7, 0.7], up=10 ** 6, down=10 ** 6)
         records = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
         for rec in records[:2]:
             del rec["test_accuracy"]
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         write_run(tmp_path / "s" / f"dense{seed}", ["method.name=lora", f"seed={seed}"],
-                  [0.6, 0.7, 0.7], up=10, down=10)
+                  [0.6, 0.7, 0.7], up=10 ** 6, down=10 ** 6)
     table = group(find_runs([tmp_path / "s"]))
     md = communication_markdown(table, 0.65)
-    assert "| ffa | 2/2 | ≤ 0.00 ± 0.00 | ≤ 3.0 |" in md  # 60 bytes: 6e-05 MB
-    assert "| lora | 2/2 | 0.00 ± 0.00 | 2.0 |" in md and "an upper bound" in md
+    assert "| ffa | 2/2 | ≤ 6.00 ± 0.00 | ≤ 3.0 |" in md  # 3 rounds × 2 MB, by round 3
+    assert "| lora | 2/2 | 4.00 ± 0.00 | 2.0 |" in md and "an upper bound" in md
     rows = {r["method.name"]: r
             for r in csv.DictReader(io.StringIO(communication_csv(table, 0.65)))}
     assert (rows["ffa"]["upper_bound"], rows["lora"]["upper_bound"]) == ("true", "false")
-    assert float(rows["ffa"]["bytes_to_target_mean"]) == 60.0
-    assert float(rows["lora"]["bytes_to_target_mean"]) == 40.0
+    assert float(rows["ffa"]["bytes_to_target_mean"]) == 6e6
+    assert float(rows["lora"]["bytes_to_target_mean"]) == 4e6
     dense = group(find_runs(sorted((tmp_path / "s").glob("dense*"))))
     assert "upper bound" not in communication_markdown(dense, 0.65)
