@@ -18,6 +18,12 @@ from fedlora.study.grid import Selection, load_grid, parse_grid, parse_only
 from fedlora.study.sweep import sweep
 
 
+@pytest.fixture(scope="module")
+def tiny_overrides(tiny_overrides):
+    """Sweeps are studies: they compare runs bit for bit, with seeded DP noise (docs/privacy.md)."""
+    return tiny_overrides + ["privacy.noise=seeded"]
+
+
 def nested(overrides: list[str]) -> dict:
     """tiny_overrides as the nested dict a grid file parses to."""
     from fedlora.config import apply_override
@@ -230,7 +236,7 @@ def test_selection_chooses_each_methods_rate_on_validation(tmp_path, tiny_overri
         "method=ffa,lr=0.01", "method=ffa,lr=0.2", "method=lora,lr=0.001", "method=lora,lr=0.05"]
 
     # another study sharing the selection folder: its identical selection runs are not redone
-    raw["privacy"] = {"epsilon": [3.0, math.inf]}
+    raw["privacy"] = {**raw.get("privacy", {}), "epsilon": [3.0, math.inf]}
     raw["select"]["grid"]["privacy"] = {"epsilon": [3.0]}
     lines.clear()
     again = sweep(parse_grid(raw), tmp_path / "other", progress=lines.append)
@@ -255,7 +261,7 @@ def test_selection_chooses_each_methods_rate_on_validation(tmp_path, tiny_overri
     sweep(grid, tmp_path / "other", progress=lines.append, dry_run=True)
     assert lines[1:] == [x for x in lines_of_whole(raw, tmp_path / "other") if "lora" not in x]
     # an --only sweep's record keeps the choices of complete groups it did not run (lora's)...
-    raw["privacy"] = {"epsilon": [3.0]}
+    raw["privacy"] = {**raw.get("privacy", {}), "epsilon": [3.0]}
     grid = parse_grid(raw)
     parse_only(grid, ["method.name=ffa"])
     sweep(grid, tmp_path / "other", progress=None)
@@ -283,7 +289,7 @@ def test_only_makes_a_subset_the_whole_sweep_then_finds_complete(tmp_path, tiny_
     raw = nested(tiny_overrides + ["federation.rounds=1"])
     raw["seed"] = [0, 1]
     raw["method"] = {"name": ["lora", "ffa"]}
-    raw["privacy"] = {"epsilon": [3.0, math.inf]}
+    raw["privacy"] = {**raw.get("privacy", {}), "epsilon": [3.0, math.inf]}
     whole = [r.name for r in parse_grid(raw).runs()]
     grid = parse_grid(raw)
     parse_only(grid, ["seed=1", "privacy.epsilon=inf,3"])  # keys AND, comma values OR

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedlora import report
-from fedlora.config import Config, apply_override, config_from_dict, load_config
+from fedlora.config import Config, apply_override, config_differences, config_from_dict, load_config
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.experiment import Experiment, build_experiment, majority_accuracy, partition_report
 from fedlora.federation import checkpoint as ckpt
@@ -76,7 +76,7 @@ def resume_config(folder: RunFolder, config, overrides) -> tuple[Config, ckpt.Ch
                                    f"({err}) — it cannot be resumed") from None
     if config is not None or overrides:  # overrides alone apply on top of the stored config
         asked = _resolve(dataclasses.asdict(stored) if config is None else config, overrides)
-        diff = _differences(stored, asked)
+        diff = config_differences(stored, asked)
         if diff:
             raise ConfigError(f"--resume: '{folder.partial}' was started with another config "
                               f"({'; '.join(diff[:3])}) — resume without --config/overrides, "
@@ -88,25 +88,6 @@ def resume_config(folder: RunFolder, config, overrides) -> tuple[Config, ckpt.Ch
         PrivacyLedger(ledger)  # unreadable: refused now, before anything is touched
     path = folder.path(ckpt.FILENAME)
     return stored, (ckpt.load_checkpoint(path, stored) if path.exists() else None)
-
-
-EXECUTION = ("threads", "device")  # how a run computes, not what: a resume may change them
-
-
-def _differences(a: Config, b: Config) -> list[str]:
-    fa, fb = _flat(dataclasses.asdict(a)), _flat(dataclasses.asdict(b))
-    return [f"{k}: {fa.get(k)!r} there, {fb.get(k)!r} here"
-            for k in sorted(set(fa) | set(fb)) if k not in EXECUTION and fa.get(k) != fb.get(k)]
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def _resumable(folder: RunFolder) -> bool:

@@ -421,6 +421,43 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+# ---------------------------------------------------------------------------- run identity
+
+EXECUTION = ("threads", "device")  # how a run computes, not what: a resume may change them
+
+
+def flat_config(config: Config) -> dict[str, Any]:
+    """{"seed": 0, "method.name": "ffa", ...}: every key of a resolved config."""
+    out: dict[str, Any] = {}
+    for key, value in dataclasses.asdict(config).items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def run_identity(config: Config) -> dict[str, Any]:
+    """What makes two runs the same run — the one definition resume, checkpoints, Flower sites
+    and sweeps all use: every key of the config but `EXECUTION` (cores and device change how
+    fast a run goes and, in the last bits of float sums, nothing else)."""
+    return {k: v for k, v in flat_config(config).items() if k not in EXECUTION}
+
+
+def identity_text(config: Config) -> str:
+    """`run_identity` as canonical JSON (sorted keys): equal texts, same run."""
+    import json
+
+    return json.dumps(run_identity(config), sort_keys=True, default=str)
+
+
+def config_differences(a: Config, b: Config) -> list[str]:
+    """`key: a's value there, b's value here` for every identity key where they differ."""
+    fa, fb = run_identity(a), run_identity(b)
+    return [f"{k}: {fa.get(k)!r} there, {fb.get(k)!r} here"
+            for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
 def config_to_toml(config: Config) -> str:
     """The resolved config as TOML (round-trips through `load_config`)."""
     data = config_to_dict(config)

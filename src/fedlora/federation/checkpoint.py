@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save
 
-from fedlora.config import Config, config_to_toml
+from fedlora.config import Config, identity_text
 from fedlora.errors import FedloraError
 from fedlora.federation.server import FederationState
 from fedlora.federation.wire import state_digest
@@ -44,12 +44,9 @@ class CheckpointError(FedloraError):
 
 
 def config_digest(config: Config) -> str:
-    """SHA-256 of the resolved config, `threads` and `device` aside (a resumed run may be given
-    other cores, or another device)."""
-    import dataclasses
-
-    plain = dataclasses.replace(config, threads=0, device="auto")
-    return hashlib.sha256(config_to_toml(plain).encode()).hexdigest()
+    """SHA-256 of the run's identity (`fedlora.config.run_identity`: the config, cores and
+    device aside — a resumed run may be given other cores, or another device)."""
+    return hashlib.sha256(identity_text(config).encode()).hexdigest()
 
 
 @dataclass

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fedlora.config import Config, apply_override, config_from_dict
+from fedlora.config import Config, apply_override, config_from_dict, flat_config, identity_text
 from fedlora.errors import ConfigError
 
 META = ("sweep", "select", "cases")
@@ -437,10 +437,9 @@ def build_config(setting: dict[str, Any], where: str = "grid") -> Config:
 
 
 def identity(config: Config) -> str:
-    """What makes two runs the same run: the whole config except the CPU threads."""
-    data = dataclasses.asdict(config)
-    data.pop("threads", None)
-    return json.dumps(data, sort_keys=True, default=str)
+    """What makes two runs the same run: `fedlora.config.run_identity` (the one definition
+    resume and checkpoints use too: the config, cores and device aside)."""
+    return identity_text(config)
 
 
 def _digest(text: str) -> str:
@@ -466,14 +465,3 @@ def _text(value: Any) -> str:
     if isinstance(value, list):
         return "+".join(_text(v) for v in value) or "none"
     return re.sub(r"[^A-Za-z0-9._+-]", "_", str(value))
-
-
-def flat_config(config: Config) -> dict[str, Any]:
-    """{"seed": 0, "method.name": "ffa", ...}: every key of a resolved config."""
-    out: dict[str, Any] = {}
-    for key, value in dataclasses.asdict(config).items():
-        if isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            out[key] = value
-    return out
