@@ -114,7 +114,7 @@ def test_center_without_noise_is_the_mean_feature_of_all_training_examples(st_ov
     want = torch.stack(feats).mean(0)
     assert torch.allclose(state.glob.base_delta[keys.CENTER], want, atol=1e-5)
     assert state.center["clients"] == 3 and state.center["norm"] == pytest.approx(float(want.norm()), rel=1e-4)
-    assert state.bytes_uploaded > 0 and state.bytes_downloaded > 0
+    assert state.bytes_uploaded > 0 and state.bytes_downloaded == 0  # nothing is sent down
 
 
 class _Scripted:
@@ -123,8 +123,8 @@ class _Scripted:
     def __init__(self, uploads):
         self.uploads = uploads
 
-    def exchange(self, round, downloads):
-        assert round == centering.CENTER_ROUND
+    def ask_center(self, clients):
+        assert clients == sorted(self.uploads)
         return Exchange([ClientReply(c, up, 10, 0.1, 0, math.nan) for c, up in self.uploads.items()],
                         0, 0)
 
@@ -171,7 +171,9 @@ def test_run_accounts_for_the_query_and_exports_a_head_that_reproduces_predictio
         assert summary["epsilon_per_client"][k] == pytest.approx(reference, rel=0.02)
         assert summary["epsilon_per_client"][k] <= config.privacy.epsilon
     ledger = json.loads((tmp_path / "run" / "ledger" / "client-0.json").read_text())
-    history = ledger["rounds"][max(ledger["rounds"], key=int)]["accountant"]["history"]
+    assert "center" in ledger["rounds"]  # the query's own ledger entry, not a round number
+    history = ledger["rounds"][max(ledger["rounds"], key=lambda r: -1 if r == "center" else int(r))
+                               ]["accountant"]["history"]
     assert history[0][0] == pytest.approx(config.privacy.center_noise)  # the query comes first
     evaluator = exp.evaluators[0]
     base = load_classifier(str(tiny_st_model_dir), 2, seed=123)

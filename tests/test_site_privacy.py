@@ -294,7 +294,9 @@ def test_every_field_a_site_sends_is_documented(one_step, tmp_path):
     trained = train_raw(site, 0)
     refused = train_raw(site, 0, download={k: v + 1 for k, v in site.download.items()})
     assert refused["refused"]
-    seen["train"] = set(trained) | set(refused)
+    center = call(site, MessageType.QUERY, messages.center_record(0, site.labels))
+    assert center["refused"]  # the tiny model reads CLS features: no centring planned
+    seen["train"] = set(trained) | set(refused) | set(center)  # a centring answer: train fields
     evaluation = messages.train_record(0, 0, encode_state(site.download), site.labels, 0)
     seen["evaluate"] = set(call(site, MessageType.EVALUATE, evaluation))
     site.node_config["share-evaluation"] = True

@@ -22,8 +22,8 @@ from fedlora.errors import ConfigError
 PARTITIONS = ("iid", "dirichlet", "group")
 OPTIMIZERS = ("sgd", "adam")
 HEADS = ("shared", "local")
-ACCOUNTANTS = ("rdp", "prv")
-NOISE = ("secret", "seeded")  # fedlora.privacy.randomness.NOISE_MODES (no torch import here)
+ACCOUNTANTS = ("rdp", "prv")  # fedlora.privacy.epsilon.KINDS is this tuple
+NOISE = ("secret", "seeded")  # where DP randomness comes from: fedlora.privacy.randomness
 CENTERS = ("auto", "off")
 BAD_UPDATE = ("skip", "stop")
 TASKS = ("classification", "causal")

@@ -8,7 +8,9 @@ features reaches 0.63 uncentred and 0.74 centred, and the full FFA-LoRA run 0.60
 one round. A public centre does not do: the mean embedding of random vocabulary or of English
 prose from Python's docstrings is too far from this data's (validation 0.66 and 0.63).
 
-The query, once, before round 1 (`CENTER_ROUND`). Client k draws a Poisson sample of its
+The query, once, before round 1: a message of its own (`Transport.ask_center`; on Flower a
+query message asking "center"), answered by `LocalTrainer.answer_center_query` and recorded in
+the client's ledger as the entry `LEDGER_ENTRY`. Client k draws a Poisson sample of its
 examples at rate q_m = min(1, m/n_k) (m = `model.center_examples`) and uploads
 
     S̃_k = Σ_{i ∈ sample} e_i + N(0, σ_m² I)        and        c_k = q_m·n_k,
@@ -37,7 +39,8 @@ from fedlora.methods import keys
 from fedlora.methods.base import GlobalState, State
 from fedlora.privacy.randomness import Stream
 
-CENTER_ROUND = -1  # the "round" number of the query: it precedes round 0
+LEDGER_ENTRY = "center"  # the query's entry in a client's privacy ledger (rounds are 0, 1, …)
+SELECTION_TAG = -1  # the tag its client sample is drawn with (`select_clients`), as always
 SUM = "feature_sum"
 COUNT = "feature_count"
 

@@ -105,22 +105,14 @@ class LocalTrainer:
 
     # ------------------------------------------------------------------ one client round
     def train(self, client: Client, download: State, round: int) -> ClientReply:
-        """One round of local training (or, `round == CENTER_ROUND`, the centring query).
+        """One round of local training.
 
         With a ledger, a round this client already released is answered from the ledger: the
         stored release, bit for bit, if it was released from this very download; else refused
         (see `fedlora.privacy.ledger`). A new release is on disk before it leaves."""
-        digest = None
-        if client.ledger is not None:
-            # everything the round's result depends on besides the data and the randomness
-            with phase(self.timings, "ledger"):
-                digest = state_digest({**{f"download/{k}": v for k, v in download.items()},
-                                       **{f"personal/{k}": v for k, v in client.personal.items()}})
-            seen = client.ledger.entry(round)
-            if seen is not None:
-                return self._replay(client, round, digest, seen)
-        if round == centering.CENTER_ROUND:
-            return self._center_query(client, download, digest)
+        digest, seen = self._seen(client, download, round)
+        if seen is not None:
+            return self._replay(client, round, digest, seen)
         privacy = client.privacy
         if not privacy.can_take(self.local_steps):
             return self._refuse(client, f"client {client.cid} has spent its privacy budget "
@@ -167,7 +159,7 @@ class LocalTrainer:
         self.handle.set_trainable(lambda k: False)
         return self.handle.state(), losses
 
-    def _release(self, client: Client, round: int, digest: str | None, upload: State,
+    def _release(self, client: Client, round, digest: str | None, upload: State,
                  loss: float | None = None) -> None:
         """Write the ledger entry (and the released tensors) before the upload leaves."""
         if client.ledger is None:
@@ -177,26 +169,43 @@ class LocalTrainer:
                                  client.personal, client.steps,
                                  loss if loss is not None and math.isfinite(loss) else None)
 
-    def _replay(self, client: Client, round: int, digest: str, seen: dict) -> ClientReply:
+    def _seen(self, client: Client, download: State, entry) -> tuple[str | None, dict | None]:
+        """The digest of what this release starts from, and the ledger's entry if it was
+        released before (None, None without a ledger)."""
+        if client.ledger is None:
+            return None, None
+        # everything the result depends on besides the data and the randomness
+        with phase(self.timings, "ledger"):
+            digest = state_digest({**{f"download/{k}": v for k, v in download.items()},
+                                   **{f"personal/{k}": v for k, v in client.personal.items()}})
+        return digest, client.ledger.entry(entry)
+
+    def _replay(self, client: Client, round, digest: str, seen: dict) -> ClientReply:
         """A round this client already released: the same release again, or a refusal."""
+        what = "the centring query" if round == centering.LEDGER_ENTRY else f"round {round + 1}"
         if seen["digest"] != digest:
-            return self._refuse(client, f"client {client.cid} already trained round {round + 1} "
-                                        "from a different model; training it again would pair two "
-                                        "updates on one noise stream — it sits this round out")
+            return self._refuse(client, f"client {client.cid} already answered {what} from a "
+                                        "different model; answering again would pair two releases "
+                                        "on one noise stream — it sits this one out")
         kept = client.ledger.release(round)
         if kept is None:
-            return self._refuse(client, f"client {client.cid} released round {round + 1} before "
-                                        "the server's checkpoint and no longer keeps it (a "
+            return self._refuse(client, f"client {client.cid} released {what} before the "
+                                        "server's checkpoint and no longer keeps it (a "
                                         "checkpointed round is never asked for again) — it sits "
-                                        "this round out")
+                                        "this one out")
         upload, client.personal = kept
         client.steps = seen["steps"]
         return ClientReply(client=client.cid, upload=upload, num_examples=client.num_examples,
                            epsilon=_spent_after(client.privacy, seen), steps=client.steps,
                            train_loss=seen.get("loss", math.nan))
 
-    def _center_query(self, client: Client, download: State, digest: str | None) -> ClientReply:
-        """Answer the DP feature-centring query (`fedlora.federation.centering`)."""
+    def answer_center_query(self, client: Client) -> ClientReply:
+        """Answer the DP feature-centring query (`fedlora.federation.centering`), once: asked
+        again, the client re-sends what it released (or refuses, as for a round)."""
+        download: State = {}  # before round 1 every client builds the initial adapter itself
+        digest, seen = self._seen(client, download, centering.LEDGER_ENTRY)
+        if seen is not None:
+            return self._replay(client, centering.LEDGER_ENTRY, digest, seen)
         privacy = client.privacy
         if privacy.center_rate <= 0:
             return self._refuse(client, f"client {client.cid} was not set up for feature centring "
@@ -211,7 +220,7 @@ class LocalTrainer:
                                              self.train_cfg.micro_batch_size,
                                              client.randomness.stream("center"))
         privacy.record_center_query()  # recorded before anything leaves the client
-        self._release(client, centering.CENTER_ROUND, digest, answer)
+        self._release(client, centering.LEDGER_ENTRY, digest, answer)
         return ClientReply(client=client.cid, upload=answer, num_examples=client.num_examples,
                            epsilon=_spent_after(privacy, None), steps=client.steps,
                            train_loss=math.nan)

@@ -1,6 +1,7 @@
 """The round loop, written once for every runner; transports differ only in how messages travel.
 
-    once, first:     DP feature-centring query, if the plan asks for it (`centering`)
+    once, first:     DP feature-centring query, if the plan asks for it (`centering`): its own
+                     message (`Transport.ask_center`), not a round
     for each round:  pick clients → download(global) → [transport: clients train] →
                      validate replies → aggregate(accepted) → evaluate → one metrics record
                      → checkpoint (every `checkpoint_every` rounds and after the last)
@@ -45,6 +46,9 @@ class Exchange:
 class Transport(Protocol):
     def exchange(self, round: int, downloads: dict[int, State]) -> Exchange:
         """Send each client its download, let it train, return its reply."""
+
+    def ask_center(self, clients: list[int]) -> Exchange:
+        """Ask each client the DP feature-centring query (`centering`); nothing is sent down."""
 
     def checkpointed(self, rounds: int) -> None:
         """A checkpoint holds the first `rounds` ≥ 1 rounds (and anything before round 1): no
@@ -174,14 +178,13 @@ def gather_center(method: Method, state: FederationState, transport: Transport,
     check are left out and named in `state.center`; with no usable answer μ stays 0 (logged).
     """
     start = time.perf_counter()
-    selected = select_clients(plan, centering.CENTER_ROUND)
+    selected = select_clients(plan, centering.SELECTION_TAG)
     # nothing to send: before round 1 the global model is the initial adapter, which every client
     # builds itself from the shared seed
-    downloads = {c: {} for c in selected}
-    exchange = transport.exchange(centering.CENTER_ROUND, downloads)
+    exchange = transport.ask_center(selected)
     answers, rejected = [], {}
     for rep in exchange.replies:
-        if rep.refused is not None or rep.client not in downloads:
+        if rep.refused is not None or rep.client not in selected:
             continue
         reason = centering.check_answer(rep.upload, plan.center_dim)
         if reason is None:

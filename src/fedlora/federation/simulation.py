@@ -38,6 +38,19 @@ class InProcessTransport:
             replies.append(reply)
         return Exchange(replies, down, up)
 
+    def ask_center(self, clients: list[int]) -> Exchange:
+        """The DP feature-centring query: nothing goes down, each client's noisy sum comes up."""
+        replies, up = [], 0
+        for cid in clients:
+            with phase(self.timings, "train"):
+                reply = self.trainer.answer_center_query(self.clients[cid])
+            with phase(self.timings, "serialise"):
+                received = encode_state(reply.upload)
+                reply.upload = decode_state(received)
+            up += len(received) if reply.refused is None else 0
+            replies.append(reply)
+        return Exchange(replies, 0, up)
+
     def checkpointed(self, rounds: int) -> None:
         """Rounds before `rounds` are checkpointed and never replayed: the clients' ledgers may
         forget them (keeping what each has spent), so a ledger stays as small as the interval."""

@@ -50,9 +50,10 @@ from opacus.accountants.analysis.prv import (
 )
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
+from fedlora.config import ACCOUNTANTS
 from fedlora.errors import ConfigError
 
-KINDS = ("rdp", "prv")
+KINDS = ACCOUNTANTS  # declared once, with the option (config.py imports no torch/opacus)
 
 _OPACUS_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
 #: RDP orders: Opacus's defaults plus the large orders dp_accounting also uses.

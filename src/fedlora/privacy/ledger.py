@@ -43,6 +43,9 @@ class LedgerError(FedloraError):
 class PrivacyLedger:
     """`{"rounds": {round: {"digest", "accountant"?, "steps", "loss"}}}` plus release files.
 
+    Keys are round numbers, or a name for a release that precedes the rounds ("center": the
+    feature-centring query, `fedlora.federation.centering`).
+
     The entry with the most steps holds what the client has spent; older entries let a
     replayed round report the ε it reported the first time (so a resumed run's metrics match
     an uninterrupted one). Entries of forgotten rounds keep their digest only.
@@ -60,7 +63,7 @@ class PrivacyLedger:
     def _read(self) -> None:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            self.rounds = {int(r): _entry(e) for r, e in data["rounds"].items()}
+            self.rounds = {_key(r): _entry(e) for r, e in data["rounds"].items()}
             if self.rounds and self._latest_round() is None:
                 raise ValueError("no entry holds the accountant")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -81,7 +84,7 @@ class PrivacyLedger:
         held = [r for r, e in self.rounds.items() if "accountant" in e]
         if not held:
             return None
-        return max(held, key=lambda r: (_steps(self.rounds[r]["accountant"]), r))
+        return max(held, key=lambda r: (_steps(self.rounds[r]["accountant"]), _order(r)))
 
     def entry(self, round: int) -> dict | None:
         """`{"digest", ...}` of round `round` if this client released it."""
@@ -114,7 +117,7 @@ class PrivacyLedger:
         refused. Keeps the ledger as small as the checkpoint interval, plus one line per round."""
         latest = self._latest_round()
         for r, e in self.rounds.items():
-            if r < round:
+            if _order(r) < round:
                 self.release_path(r).unlink(missing_ok=True)
                 e.pop("release", None)
                 if r != latest:
@@ -135,8 +138,19 @@ class PrivacyLedger:
         self._write()
 
     def _write(self) -> None:
-        data = {"rounds": {str(r): e for r, e in sorted(self.rounds.items())}}
+        data = {"rounds": {str(r): e for r, e in sorted(self.rounds.items(),
+                                                        key=lambda item: _order(item[0]))}}
         atomic_write_bytes(self.path, json.dumps(data).encode("utf-8"))
+
+
+def _key(text: str) -> int | str:
+    """A round number, or the name of a release that is not a round (the centring query's)."""
+    return int(text) if text.lstrip("-").isdigit() else str(text)
+
+
+def _order(key: int | str) -> int:
+    """Where an entry stands in time: rounds by number, a named query before round 0."""
+    return key if isinstance(key, int) else -1
 
 
 def _entry(e: dict) -> dict:

@@ -44,11 +44,11 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from fedlora.config import NOISE as NOISE_MODES  # declared once, with the option
 from fedlora.errors import FedloraError
 from fedlora.fsutil import atomic_write_bytes
 from fedlora.seeding import derive_seed
 
-NOISE_MODES = ("secret", "seeded")
 KEY_BYTES = 32
 CHUNK = 1 << 20  # coordinates per block of Gaussian noise: bounds the float64 scratch memory
 _MANTISSA = 0x000FFFFFFFFFFFFF

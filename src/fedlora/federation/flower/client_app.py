@@ -40,7 +40,14 @@ app = ClientApp()
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Which fedlora client this node serves (read from its node config; no data is loaded)."""
+    """Which fedlora client this node serves (read from its node config; no data is loaded),
+    or — asked "center" — the site's answer to the DP feature-centring query."""
+    record = msg.content.config_records[RECORD]
+    if "ask" in record:
+        if str(record["ask"]) != "center":
+            raise ConfigError(f"the server asked {record['ask']!r}; a site answers only 'center'")
+        return _release(msg, context, int(record["client"]), list(record["label-names"]),
+                        int(record["checkpointed"]), None)
     run = read_run_config(context.run_config)
     cid = client_id(context.node_config, run.config)
     return Message(RecordDict({RECORD: ConfigRecord({"client": cid})}), reply_to=msg)
@@ -50,28 +57,40 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train the round the server asks for, continuing from this site's state on disk, on the
     site's own terms (its node config): a run asking for more privacy spending is refused."""
-    run = read_run_config(context.run_config)
     instruction = read_train(msg.content.config_records[RECORD])
+    return _release(msg, context, instruction.client, instruction.label_names,
+                    instruction.checkpointed, instruction)
+
+
+def _release(msg: Message, context: Context, cid: int, label_names: list[str],
+             checkpointed: int, instruction) -> Message:
+    """A training round (`instruction`) or, with none, the centring query: on the site's terms,
+    from its state on disk, its ledger written before the reply leaves."""
+    run = read_run_config(context.run_config)
     terms = SiteTerms.read(context.node_config)
     store = open_state(context.node_config, run)  # unreadable ledger: refused before any work
-    if store.cid != instruction.client:
-        raise ConfigError(f"sent to client {instruction.client}, but this site is client {store.cid}")
+    if store.cid != cid:
+        raise ConfigError(f"sent to client {cid}, but this site is client {store.cid}")
+    what = "the centring query" if instruction is None else f"round {instruction.round + 1}"
     with store.locked():
-        site = Site.build(run.config, context.node_config, instruction.label_names)
+        site = Site.build(run.config, context.node_config, label_names)
         why = terms.refusal(run.config)
         if why is not None:
-            log.warning("site %d refuses round %d: %s", site.client.cid, instruction.round + 1, why)
+            log.warning("site %d refuses %s: %s", site.client.cid, what, why)
             reply = refusal(site.client, f"client {site.client.cid}: {why}")
         else:
             # the server's word prunes only what replays need; digests of released rounds stay
-            store.forget_before(instruction.checkpointed)
-            store.restore(site.client, instruction.round, run.config, site.data_digest,
-                          terms.budget(run.config))
-            reply = site.trainer.train(site.client, instruction.download(), instruction.round)
-            if reply.refused is None:  # the ledger entry is on disk already (written in `train`)
-                store.save(instruction.round, site.client)
-                log.info("site %d, round %d: local training loss %.4f (kept on the site)",
-                         site.client.cid, instruction.round + 1, reply.train_loss)
+            store.forget_before(checkpointed)
+            store.restore(site.client, 0 if instruction is None else instruction.round,
+                          run.config, site.data_digest, terms.budget(run.config))
+            if instruction is None:
+                reply = site.trainer.answer_center_query(site.client)
+            else:
+                reply = site.trainer.train(site.client, instruction.download(), instruction.round)
+                if reply.refused is None:  # its ledger entry is on disk already
+                    store.save(instruction.round, site.client)
+                    log.info("site %d, %s: local training loss %.4f (kept on the site)",
+                             site.client.cid, what, reply.train_loss)
     content, _ = reply_record(reply, site.facts)
     return Message(RecordDict({RECORD: ConfigRecord(content)}), reply_to=msg)
 

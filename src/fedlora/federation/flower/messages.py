@@ -27,13 +27,14 @@ RECORD = "fedlora"
 # server sent, or of n_k, which the threat model treats as public (docs/privacy.md).
 SITE_FIELDS: dict[str, dict[str, str]] = {
     "query": {"client": "public: the client id from the node config"},
+    # the feature-centring query's answer: the fields of a training reply (below)
     "train": {
         "client": "public: the client id from the node config",
         "num-examples": "public: n_k, the site's number of training examples",
         "noise-multiplier": "public: σ_k, calibrated from the config and n_k",
         "sample-rate": "public: q_k = min(1, batch/n_k)",
         "label-names": "public: the run's label names, as the server sent them",
-        "upload": "DP: the noisy update (or the noisy feature sum of the centring query)",
+        "upload": "DP: the noisy update, or the centring query's noisy feature sum and c_k = q_m·n_k",
         "epsilon": "public: ε spent, a function of σ_k, q_k and the steps taken",
         "steps": "public: DP-SGD steps taken, a function of the config and the budget",
         "refused": "public: why the site sits a round out (its terms, its budget, a replay)",
@@ -77,6 +78,12 @@ def train_record(round: int, client: int, payload: bytes, label_names: list[str]
                  checkpointed: int = 0, full: bool = True) -> dict:
     return {"round": round, "client": client, "download": payload, "label-names": list(label_names),
             "checkpointed": checkpointed, "full": bool(full)}
+
+
+def center_record(client: int, label_names: list[str], checkpointed: int = 0) -> dict:
+    """A query message asking a site the DP feature-centring query (nothing is sent down)."""
+    return {"ask": "center", "client": client, "label-names": list(label_names),
+            "checkpointed": checkpointed}
 
 
 def read_train(record) -> TrainInstruction:

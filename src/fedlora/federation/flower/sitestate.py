@@ -57,7 +57,7 @@ from fedlora.methods.base import State
 from fedlora.privacy.ledger import LedgerError, PrivacyLedger, adopt_ledger
 from fedlora.privacy.randomness import load_or_create_key
 
-SNAPSHOT = re.compile(r"round-(-?\d+)\.safetensors")  # round -1: a query before round 0
+SNAPSHOT = re.compile(r"round-(\d+)\.safetensors")
 
 
 def state_dir(node_config: Mapping[str, Any], cid: int) -> Path:
@@ -168,7 +168,7 @@ class SiteState:
     def forget_before(self, round: int) -> None:
         """The server has checkpointed rounds < `round`: it will never ask for them again. Keep
         the last snapshot before `round` (the start of the next) and the spent ε. `round` 0
-        means no checkpoint yet: even a query before round 1 (round -1) may come again."""
+        means no checkpoint yet: even the centring query before round 1 may come again."""
         if round <= 0:
             return
         done = self._snapshots()

@@ -18,7 +18,8 @@ import time
 from typing import Callable
 
 from fedlora.errors import FederationError
-from fedlora.federation.flower.messages import RECORD, SiteFacts, read_reply, train_record
+from fedlora.federation.flower.messages import (RECORD, SiteFacts, center_record, read_reply,
+                                                train_record)
 from fedlora.federation.server import Exchange
 from fedlora.federation.wire import encode_state
 from fedlora.methods.base import State
@@ -97,23 +98,36 @@ class FlowerTransport:
         self.saved_rounds = rounds
 
     def exchange(self, round: int, downloads: dict[int, State]) -> Exchange:
-        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+        from flwr.app import MessageType
+
+        self.last_round = round
+        records = {cid: train_record(round, cid, encode_state(state), self.label_names,
+                                     self.saved_rounds) for cid, state in downloads.items()}
+        return self._send(MessageType.TRAIN, records, f"round {round + 1}")
+
+    def ask_center(self, clients: list[int]) -> Exchange:
+        """The DP feature-centring query, a query message of its own: nothing goes down."""
+        from flwr.app import MessageType
+
+        records = {cid: center_record(cid, self.label_names, self.saved_rounds) for cid in clients}
+        return self._send(MessageType.QUERY, records, "the centring query")
+
+    def _send(self, kind: str, records: dict[int, dict], what: str) -> Exchange:
+        """Each client's record to its node; the replies as `ClientReply`s, sites that failed,
+        and the bytes of the payloads that went down and came up."""
+        from flwr.app import ConfigRecord, Message, RecordDict
 
         self.discover()
-        self.last_round = round
         failed: dict[int, str] = {}
         messages: dict[int, Message] = {}
         sent = 0
-        for cid, state in downloads.items():
+        for cid, record in records.items():
             if cid not in self.nodes:
                 failed[cid] = "no SuperNode serves this client"
                 continue
-            payload = encode_state(state)
-            sent += len(payload)
-            messages[cid] = Message(
-                RecordDict({RECORD: ConfigRecord(train_record(round, cid, payload, self.label_names,
-                                                              self.saved_rounds))}),
-                dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN)
+            sent += len(record.get("download", b""))
+            messages[cid] = Message(RecordDict({RECORD: ConfigRecord(record)}),
+                                    dst_node_id=self.nodes[cid], message_type=kind)
         answers = list(self.grid.send_and_receive(list(messages.values()), timeout=self.round_timeout))
         client_of = {m.metadata.message_id: cid for cid, m in messages.items()}
         replies, received = [], 0
@@ -135,7 +149,7 @@ class FlowerTransport:
         for cid in client_of.values():
             failed[cid] = f"no answer within {self.round_timeout:g} s"
         for cid, why in sorted(failed.items()):
-            self.say(f"round {round + 1}: client {cid} dropped out — {why}")
+            self.say(f"{what}: client {cid} dropped out — {why}")
         replies.sort(key=lambda r: r.client)  # aggregation order as in the simulation
         return Exchange(replies, sent, received, failed)
 
