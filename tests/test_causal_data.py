@@ -102,10 +102,3 @@ def test_a_causal_run_leaves_nothing_when_the_data_does_not_fit(tmp_path, causal
         fedlora.run(None, tmp_path / "run", overrides=causal_overrides + ["model.max_length=12"],
                     progress=None)
     assert not any(tmp_path.iterdir())
-
-
-def test_flower_refuses_the_causal_task(causal_overrides):
-    from fedlora.federation.flower.runconfig import check_flower_task
-
-    with pytest.raises(ConfigError, match="in-process simulation only"):
-        check_flower_task(load_config(None, causal_overrides))

@@ -92,7 +92,10 @@ def test_a_site_with_its_own_file(three, tmp_path, toy_csv):
     own.write_text("words,label\ngood fun,pos\ndull bad,neg\n", encoding="utf-8")
     data = site.site_examples(
         three, {"data-path": str(own), "client-id": 1, "text-column": "words", "label-column": "label"})
-    assert (data.client, data.texts, data.labels) == (1, ["good fun", "dull bad"], ["pos", "neg"])
+    ds = data.dataset
+    assert (data.client, data.train) == (1, [0, 1])
+    assert ([ds.texts[i] for i in data.train], [ds.label_names[ds.labels[i]] for i in data.train]) \
+        == (["good fun", "dull bad"], ["pos", "neg"])
     with pytest.raises(fedlora.errors.DataError, match="not among the run's labels"):
         site.Site.build(three, {"data-path": str(own), "client-id": 1, "text-column": "words",
                                 "label-column": "label"}, ["bad", "good"])
@@ -325,3 +328,24 @@ def test_flower_scores_the_simulations_subsets(method, tiny_overrides, tmp_path)
     for x, y in zip(ours, theirs, strict=True):
         assert {k: x.get(k) for k in keys} == {k: y.get(k) for k in keys}
     assert summary["test_accuracy"] == sim["test_accuracy"] == theirs[-1]["test_accuracy"]
+
+
+@pytest.mark.parametrize("method", ["ffa", "fedsa"])
+def test_a_causal_lm_runs_on_flower_as_in_the_simulation(method, causal_overrides, tmp_path):
+    """The causal task over Flower: the sites build data, tokens and targets, and (fedsa) score
+    their own generations, through the same task-driven builders as the simulation — the same
+    adapter, scores and ε, bit for bit, in seeded mode."""
+    config = load_config(None, causal_overrides + ["privacy.noise=seeded", f"method.name={method}",
+                                                   "federation.clients=2"])
+    grid = MemoryGrid({k + 20: {"partition-id": k, "num-partitions": 2} for k in range(2)},
+                      _run_config(config, tmp_path), tmp_path / "sites")
+    summary, out, transport = _flower_in_memory(config, tmp_path, grid)
+    sim = fedlora.run(config, tmp_path / "sim", progress=None)
+    assert transport.label_names == []  # a causal LM has no labels to number
+    for key in ("test_accuracy", "test_loss", "test_accuracy_per_client", "epsilon_per_client",
+                "steps", "client_sizes", "bytes_uploaded"):
+        assert summary.get(key) == sim.get(key), key
+    ours = load_file(out / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "sim" / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert (out / "merged" / "config.json").is_file() == (tmp_path / "sim" / "merged" / "config.json").is_file()

@@ -104,6 +104,22 @@ def test_three_sites_match_the_simulation(deployment, tiny_overrides, tmp_path):
     assert summary["noise_multiplier"] == pytest.approx(sim["noise_multiplier"])
 
 
+def test_a_causal_lm_on_a_real_deployment_matches_the_simulation(deployment, causal_overrides,
+                                                                  tmp_path):
+    """The tiny Llama on prompt → answer pairs, two sites in their own SuperNode processes:
+    the same adapter and ε per site as the simulation, in seeded mode."""
+    config = load_config(None, causal_overrides + ["federation.clients=2", "privacy.noise=seeded"])
+    sim = fedlora.run(config, tmp_path / "sim", progress=None)
+    d = deployment
+    d.superlink()
+    for k in range(2):
+        d.supernode(f"node{k}", {"partition-id": k, "num-partitions": 2})
+    deploy.write_connection(d.home, "local", d.address)
+    summary = _flwr_run(d, config, tmp_path / "flower")
+    _assert_same_as_simulation(tmp_path / "flower", tmp_path / "sim", rounds=2)
+    assert summary["task"] == "causal" and summary["steps"] == sim["steps"]
+
+
 def test_a_killed_site_does_not_stop_the_run(deployment, tiny_overrides, tmp_path):
     """SIGKILL one SuperNode once round 1 is recorded: round 2 goes on with the other two."""
     config = load_config(None, tiny_overrides + ["federation.min_clients=2"])

@@ -90,11 +90,9 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     if cmd == "app":
         from fedlora.config import load_config
-        from fedlora.federation.flower.runconfig import check_flower_task
         from fedlora.outputs import default_out_dir
 
         config = load_config(args.config, args.overrides)
-        check_flower_task(config)
         out = args.out or default_out_dir(config.method.name, config.privacy.epsilon)
         folder = deploy.write_app(args.dir, config, out, test_path=args.test_path,
                                   round_timeout=args.round_timeout,

@@ -110,14 +110,14 @@ def evaluate(msg: Message, context: Context) -> Message:
         # its personal tensors as round `instruction.round` left them
         site.client.personal, _ = store.before(instruction.round + 1)
     scores = site.evaluate(instruction.download(), full=instruction.full)
-    log.info("site %d, round %d: own model's test accuracy %.4f, loss %.4f", site.client.cid,
-             instruction.round + 1, scores["test_accuracy"], scores["test_loss"])
+    log.info("site %d, round %d: own model's test %s %.4f", site.client.cid,
+             instruction.round + 1, site.base.task.metric, scores["test_accuracy"])
     if not terms.share_evaluation:
         record = withheld_record(site.client.cid, "its scores are computed on its private held-out "
                                  "examples without DP noise, so they stay in its own log (node "
                                  "config share-evaluation=true sends them, outside ε)")
     else:
-        record = score_record(site.client.cid, scores, len(site.test_tokens))
+        record = score_record(site.client.cid, scores, site.test_size)
     return Message(RecordDict({RECORD: ConfigRecord(record)}), reply_to=msg)
 
 

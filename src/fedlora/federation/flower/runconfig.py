@@ -43,7 +43,6 @@ def read_run_config(run_config: Mapping[str, Any]) -> FlowerRun:
         config = config_from_dict(tomllib.loads(str(run_config["fedlora-config"])))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"run config: fedlora-config is not valid TOML ({err})") from None
-    check_flower_task(config)
     values = {**DEFAULTS, **{k: v for k, v in run_config.items() if k in DEFAULTS}}
     for key in ("round-timeout", "connect-timeout"):
         if not isinstance(values[key], (int, float)) or not values[key] > 0:
@@ -56,11 +55,3 @@ def read_run_config(run_config: Mapping[str, Any]) -> FlowerRun:
     return FlowerRun(config, str(values["out"]), str(values["test-path"]),
                      float(values["round-timeout"]), float(values["connect-timeout"]),
                      values["resume"])
-
-
-def check_flower_task(config: Config) -> None:
-    """Flower sites build classifiers only (their data files are labelled texts)."""
-    if config.task.kind != "classification":
-        raise ConfigError(f"task.kind={config.task.kind} runs in the in-process simulation only "
-                          "(`fedlora run`); the Flower sites train classifiers — set "
-                          "task.kind=classification to deploy with Flower")

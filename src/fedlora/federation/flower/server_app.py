@@ -20,6 +20,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,13 +32,13 @@ from fedlora import report  # noqa: E402
 from fedlora.api import resume_config  # noqa: E402
 from fedlora.runner import ServerSide, execute  # noqa: E402
 from fedlora.config import Config  # noqa: E402
-from fedlora.data.sources import TextDataset, load_dataset  # noqa: E402
 from fedlora.experiment import (build_base, build_evaluators, evaluate_all, load_data,  # noqa: E402
                                 split_data)
 from fedlora.federation import checkpoint as ckpt  # noqa: E402
 from fedlora.federation.flower.runconfig import FlowerRun, read_run_config  # noqa: E402
 from fedlora.federation.flower.transport import FlowerTransport, personalised_evaluation  # noqa: E402
 from fedlora.methods import get_method  # noqa: E402
+from fedlora.tasks import get_task  # noqa: E402
 from fedlora.errors import ConfigError  # noqa: E402
 from fedlora.outputs import PARTIAL, RunFolder, default_out_dir  # noqa: E402
 
@@ -53,32 +54,39 @@ def _say(text: str) -> None:
         log(INFO, "%s", line)
 
 
-def held_out(config: Config, test_path: str) -> tuple[TextDataset, list[int], list[int]]:
-    """The server's evaluation data: (data set, test positions, validation positions)."""
+def held_out(config: Config, test_path: str, task) -> tuple[Any, list[int], list[int]]:
+    """The server's evaluation data through the run's task: (data set, test positions,
+    validation positions) — its own file, or the demo split the simulation tests on."""
     if test_path:
-        d = config.data
-        data = load_dataset(test_path, text_column=d.text_column, label_column=d.label_column)
+        own = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, path=test_path, max_examples=0, partition="iid"))
+        data = get_task(own).load_data()
         return data, list(range(len(data))), []
-    data = load_data(config)
+    data = load_data(config, task)
     split = split_data(data, config)
     return data, split.test, split.validation
 
 
 def build_server(config: Config, test_path: str) -> tuple[ServerSide, list[str]]:
-    method = get_method(config.method)
-    data, test, validation = held_out(config, test_path)
+    """What the server holds, built by the simulation's task-driven builders: the method, the
+    initial adapter, and the task's evaluators on the server's own held-out data. Returns it
+    and the label names the sites number their labels by (none for a causal LM)."""
+    method, task = get_method(config.method), get_task(config)
+    data, test, validation = held_out(config, test_path, task)
     if method.personalised:  # each site scores its own model (see personalised_evaluation)
         test, validation = [], []
-    base = build_base(config, data.num_labels, method)
+    base = build_base(config, data.num_labels, method, task)
     idx = sorted(set(test) | set(validation))
-    tokens = dict(zip(idx, base.encode([data.texts[i] for i in idx], config)))
+    ids, targets = task.encode(base.tokenizer, data.subset(idx))  # also readies a causal format
     evaluators = build_evaluators(config, base, data, {"test": test, "validation": validation},
-                                  tokens)
+                                  dict(zip(idx, ids)), dict(zip(idx, targets)))
 
     def evaluate(glob, full: bool = True):
         return evaluate_all(evaluators, glob, full)
 
-    return ServerSide(config, base.method, base.handle, base.initial, evaluate), data.label_names
+    labels = list(data.label_names) if task.kind == "classification" else []
+    return ServerSide(config, base.method, base.handle, base.initial, evaluate, task=task,
+                      tokenizer=base.tokenizer), labels
 
 
 def connect(grid, run: FlowerRun, say=_say) -> tuple[ServerSide, FlowerTransport]:

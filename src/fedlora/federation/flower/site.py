@@ -3,7 +3,8 @@
 Node config (`flower-supernode --node-config '...'`), one of:
 
 * `data-path="/data/site.csv"` (+ `text-column`, `label-column`, `client-id`): the site's own
-  labelled file, all of it training data; `client-id` is its fedlora client number (0-based).
+  file, all of it training data, read by the run's task (labelled texts for classification,
+  prompt → answer pairs for a causal LM); `client-id` is its fedlora client number (0-based).
 * `partition-id=K num-partitions=N`: for demos, part K of the run's `data.path` split exactly
   as the in-process simulation splits it (N must equal `federation.clients`).
 
@@ -29,16 +30,18 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from fedlora.config import Config
-from fedlora.data.sources import TextDataset, load_dataset, split_holdout
+from fedlora.data.sources import TextDataset, split_holdout
 from fedlora.device import DEVICE_NAMES, valid_device_name
 from fedlora.errors import ConfigError, DataError
-from fedlora.experiment import Base, build_base, build_client, build_trainer, load_data, split_data
+from fedlora.experiment import (Base, build_base, build_client, build_trainer, held_out_evaluator,
+                                load_data, split_data)
 from fedlora.federation.client import Client, LocalTrainer
-from fedlora.federation.evaluate import Evaluator, personal_share, stratified_subset
+from fedlora.federation.evaluate import personal_share
 from fedlora.federation.flower.messages import SiteFacts
 from fedlora.federation.flower.sitestate import data_digest
 from fedlora.federation.flower.terms import TERM_KEYS
 from fedlora.methods import get_method
+from fedlora.tasks import get_task
 from fedlora.methods.base import State
 from fedlora.seeding import derive_seed
 
@@ -85,29 +88,32 @@ def site_config(config: Config, node_config: Mapping[str, Any]) -> Config:
 
 @dataclass
 class SiteData:
-    """A site's examples as (text, label name) lists: what it trains on, and — for personalised
-    methods — its own held-out part, on which its own model is scored."""
+    """A site's examples, loaded by the run's task: the data set, the positions it trains on,
+    and — for personalised methods — its own held-out positions, on which its own model is
+    scored."""
 
     client: int
-    texts: list[str]
-    labels: list[str]
-    test_texts: list[str] = field(default_factory=list)
-    test_labels: list[str] = field(default_factory=list)
+    dataset: Any  # TextDataset (classification) or PairDataset (causal)
+    train: list[int]
+    test: list[int] = field(default_factory=list)
 
 
 def site_examples(config: Config, node_config: Mapping[str, Any]) -> SiteData:
-    """This site's data, split as the simulation splits it (personalised: a held-out part)."""
+    """This site's data through the run's task, split as the simulation splits it
+    (personalised: a held-out part)."""
     cid = client_id(node_config, config)
     personalised = get_method(config.method).personalised
     if "data-path" in node_config:
         d = config.data
-        data = load_dataset(str(node_config["data-path"]),
-                            text_column=str(node_config.get("text-column", d.text_column)),
-                            label_column=str(node_config.get("label-column", d.label_column)))
+        own = dataclasses.replace(config, data=dataclasses.replace(
+            d, path=str(node_config["data-path"]), max_examples=0, partition="iid",
+            text_column=str(node_config.get("text-column", d.text_column)),
+            label_column=str(node_config.get("label-column", d.label_column))))
+        data = get_task(own).load_data()  # all of it is this site's
         train, test = list(range(len(data))), []
         if personalised:  # as the simulation holds out part of each client's examples
             train, test = split_holdout(data.labels, d.test_fraction, derive_seed(config.seed, "test", cid))
-        return _pick(cid, data, train, test)
+        return SiteData(cid, data, train, test)
     parts = node_config.get("num-partitions")
     if parts != config.federation.clients:
         raise ConfigError(f"node config: num-partitions={parts!r} but the run has federation.clients="
@@ -116,66 +122,83 @@ def site_examples(config: Config, node_config: Mapping[str, Any]) -> SiteData:
     dataset = load_data(config)  # the shared demo set, split exactly as the simulation does
     split = split_data(dataset, config, personalised)
     test = split.client_test[cid] if split.client_test is not None else []
-    return _pick(cid, dataset, split.clients[cid], test)
+    return SiteData(cid, dataset, split.clients[cid], test)
 
 
-def _pick(cid: int, data: TextDataset, train: list[int], test: list[int]) -> SiteData:
-    name = lambda i: data.label_names[data.labels[i]]  # noqa: E731
-    return SiteData(cid, [data.texts[i] for i in train], [name(i) for i in train],
-                    [data.texts[i] for i in test], [name(i) for i in test])
+def in_run_labels(data: SiteData, label_names: list[str]) -> SiteData:
+    """A classification site's labels numbered as the server numbers them (by name)."""
+    ds = data.dataset
+    if not isinstance(ds, TextDataset) or ds.label_names == list(label_names):
+        return data
+    used = [ds.label_names[ds.labels[i]] for i in data.train + data.test]
+    unknown = sorted(set(used) - set(label_names))
+    if unknown:  # named in the site's own log only: the site's label set is its own business
+        log.error("site %d: labels %s are not among the run's labels %s — relabel the site's "
+                  "data", data.client, unknown, label_names)
+        raise DataError(f"site {data.client}: some of its labels are not among the run's "
+                        "labels (the site's log names them) — relabel the site's data")
+    index = {n: i for i, n in enumerate(label_names)}
+    relabelled = dataclasses.replace(ds, labels=[index.get(ds.label_names[y], -1) for y in ds.labels],
+                                     label_names=list(label_names))
+    return dataclasses.replace(data, dataset=relabelled)
+
+
+def example_rows(dataset: Any, positions: list[int]) -> list[str]:
+    """The examples at `positions` as text rows (what names a site's data: `data_digest`)."""
+    if isinstance(dataset, TextDataset):
+        return [f"{dataset.texts[i]}\0{dataset.label_names[dataset.labels[i]]}" for i in positions]
+    return [f"{dataset.prompts[i]}\0{dataset.answers[i]}" for i in positions]
 
 
 @dataclass
 class Site:
+    """One site's client and trainer, built by the same task-driven builders as the simulation
+    (`fedlora.experiment`): data, base model, tokens, DP plan and — personalised methods — the
+    evaluator of its own model on its own held-out examples."""
+
     client: Client
     trainer: LocalTrainer
     label_names: list[str]
     base: Base
-    test_tokens: list[list[int]]
-    test_labels: list[int]
-    eval_batch_size: int
-    eval_examples: int = 0  # this site's share of federation.eval_examples (0: all, always)
-    seed: int = 0
+    data: SiteData
+    tokens: dict[int, list[int]]
+    targets: dict[int, int]
+    config: Config
     data_digest: str = ""  # names the site's training data: its ledger is per data set
 
     @classmethod
     def build(cls, config: Config, node_config: Mapping[str, Any], label_names: list[str]) -> "Site":
-        """`label_names` are the server's: a site's labels are numbered by name, as the server's."""
-        data = site_examples(config, node_config)
-        unknown = sorted(set(data.labels + data.test_labels) - set(label_names))
-        if unknown:  # named in the site's own log only: the site's label set is its own business
-            log.error("site %d: labels %s are not among the run's labels %s — relabel the site's "
-                      "data", data.client, unknown, label_names)
-            raise DataError(f"site {data.client}: some of its labels are not among the run's "
-                            "labels (the site's log names them) — relabel the site's data")
-        index = {n: i for i, n in enumerate(label_names)}
-        base = build_base(site_config(config, node_config), len(label_names))
-        client = build_client(config, data.client, base.encode(data.texts, config),
-                              [index[n] for n in data.labels])
-        f = config.federation
-        return cls(client, build_trainer(config, base), list(label_names), base,
-                   base.encode(data.test_texts, config) if data.test_texts else [],
-                   [index[n] for n in data.test_labels], config.train.eval_batch_size,
-                   personal_share(f.eval_examples, f.clients), config.seed,
-                   data_digest(data.texts, data.labels))
+        """`label_names` are the server's: a classification site's labels are numbered by
+        name, as the server's (a causal site has none)."""
+        here = site_config(config, node_config)
+        task = get_task(here)
+        data = in_run_labels(site_examples(config, node_config), label_names)
+        base = build_base(here, max(1, len(label_names)), task=task)
+        mine = data.train + data.test
+        ids, targets = task.encode(base.tokenizer, data.dataset.subset(mine))
+        tokens, targets = dict(zip(mine, ids)), dict(zip(mine, targets))
+        client = build_client(config, data.client, [tokens[i] for i in data.train],
+                              [targets[i] for i in data.train])
+        return cls(client, build_trainer(config, base), list(label_names), base, data, tokens,
+                   targets, config, data_digest(example_rows(data.dataset, data.train)))
 
     def evaluate(self, download: State, full: bool = True) -> dict[str, float]:
         """This client's own model (its personal tensors + the download) on its held-out part:
         all of it, or (`full=False`) the fixed stratified subset the simulation scores for this
-        client (same share, same seed)."""
-        if not self.test_tokens:
-            raise DataError(f"site {self.client.cid} has no held-out examples to score its model on")
-        base, cid = self.base, self.client.cid
+        client (same share, same seed) — the simulation's own evaluator builder."""
+        data, cid = self.data, self.client.cid
+        if not data.test:
+            raise DataError(f"site {cid} has no held-out examples to score its model on")
+        base, f = self.base, self.config.federation
         own = base.method.client_state(base.initial, self.client.personal, download, cid)
-        chosen = list(range(len(self.test_tokens)))
-        subset = not full and 0 < self.eval_examples < len(chosen)
-        if subset:
-            chosen = stratified_subset(self.test_labels, self.eval_examples,
-                                       derive_seed(self.seed, "eval", "test", cid))
-        scorer = Evaluator(base.handle, base.initial, [self.test_tokens[i] for i in chosen],
-                           [self.test_labels[i] for i in chosen], base.pad_id,
-                           self.eval_batch_size, "test", view=lambda glob: own)
-        return {**scorer(None), **({"test_examples": len(chosen)} if subset else {})}
+        scorer = held_out_evaluator(self.config, base, data.dataset, data.test, self.tokens,
+                                    self.targets, "test", personal_share(f.eval_examples, f.clients),
+                                    ("test", cid), view=lambda glob: own)
+        return scorer(None, full=full)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.data.test)
 
     @property
     def facts(self) -> SiteFacts:

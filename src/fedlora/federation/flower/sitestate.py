@@ -234,7 +234,7 @@ class SpentBook:
         atomic_write_bytes(self.path, json.dumps({"runs": self.runs}).encode("utf-8"))
 
 
-def data_digest(texts: list[str], labels: list[str]) -> str:
+def data_digest(rows: list[str]) -> str:
     """Names a site's data set whatever the order of its rows: SHA-256 of its sorted examples."""
-    rows = sorted(hashlib.sha256(f"{t}\0{y}".encode()).hexdigest() for t, y in zip(texts, labels))
-    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+    hashed = sorted(hashlib.sha256(r.encode()).hexdigest() for r in rows)
+    return hashlib.sha256("\n".join(hashed).encode()).hexdigest()
