@@ -346,3 +346,22 @@ def test_a_secret_run_resumes_with_its_own_keys(one_step, tmp_path, monkeypatch)
     plain = fedlora.run(config, tmp_path / "plain", progress=None)
     assert summary["epsilon_per_client"] == plain["epsilon_per_client"]
     assert summary["steps"] == plain["steps"] and summary["noise"] == "secret"
+
+
+def test_the_supernode_command_carries_the_sites_terms(tmp_path):
+    """`fedlora flower supernode --epsilon 2 --allow-seeded-noise ...` → node config keys that
+    Flower parses back to the same values (booleans as TOML's true)."""
+    import argparse
+    import tomllib
+
+    from fedlora.federation.flower import cli as flower_cli
+    from fedlora.federation.flower.deploy import node_config_text
+
+    args = argparse.Namespace(partition="0/2", data_path=None, client_id=None, text_column=None,
+                              label_column=None, state_dir=str(tmp_path / "s"), epsilon=2.0,
+                              delta=1e-6, clip=None, allow_seeded_noise=True, share_evaluation=False)
+    values = flower_cli._node_config(args)
+    assert (values["epsilon"], values["delta"], values["allow-seeded-noise"]) == (2.0, 1e-6, True)
+    assert "clip" not in values and "share-evaluation" not in values
+    parsed = tomllib.loads("\n".join(node_config_text({k: v}) for k, v in values.items()))
+    assert parsed == values and SiteTerms.read(parsed).allow_seeded_noise is True
