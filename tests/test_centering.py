@@ -112,7 +112,7 @@ def test_center_without_noise_is_the_mean_feature_of_all_training_examples(st_ov
     exp.trainer.handle.install(exp.initial)
     feats = [_direct_feature(exp.model, ids) for c in exp.clients for ids in c.token_ids]
     want = torch.stack(feats).mean(0)
-    assert torch.allclose(state.glob.base_delta[keys.CENTER], want, atol=1e-5)
+    assert torch.allclose(state.glob.statistics[keys.CENTER], want, atol=1e-5)
     assert state.center["clients"] == 3 and state.center["norm"] == pytest.approx(float(want.norm()), rel=1e-4)
     assert state.bytes_uploaded > 0 and state.bytes_downloaded == 0  # nothing is sent down
 
@@ -140,7 +140,7 @@ def test_bad_answers_are_left_out_and_named(model):
                3: {"something": torch.ones(32)}}
     state = FederationState(glob=method.init_global(AdapterHandle.of(model).state()))
     gather_center(method, state, _Scripted(uploads), RoundPlan(1, 4, 0, 1, 0, center_dim=32))
-    assert torch.allclose(state.glob.base_delta[keys.CENTER], torch.full((32,), 0.5))
+    assert torch.allclose(state.glob.statistics[keys.CENTER], torch.full((32,), 0.5))
     assert sorted(state.center["rejected"]) == ["1", "2", "3"]
 
 

@@ -203,6 +203,7 @@ class AdapterHandle:
     model: nn.Module
     params: dict[str, nn.Parameter]
     base: dict[str, nn.Parameter] = field(default_factory=dict)
+    statistics: dict[str, Tensor] = field(default_factory=dict)  # buffers: keys.is_statistic
     _w0: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -216,7 +217,11 @@ class AdapterHandle:
                 params[peft_key(name)] = p
             elif ".original_module." not in name:  # the head's unused pre-PEFT copy
                 base[keys.base_key(name)] = p
-        handle = cls(model, params, base)
+        statistics = {keys.statistic_key(f"{mod_name}.{b}" if mod_name else b): getattr(module, b)
+                      for mod_name, module in model.named_modules()
+                      # the class's own declaration: PEFT wrappers forward attribute lookups
+                      for b in type(module).__dict__.get("STATISTICS", ())}
+        handle = cls(model, params, base, statistics)
         model.__dict__["_fedlora_handle"] = handle
         return handle
 
@@ -237,8 +242,10 @@ class AdapterHandle:
             for key, value in state.items():
                 if keys.is_base(key):
                     delta[key] = value
-                else:
+                elif not keys.is_statistic(key):
                     self.params[key].copy_(value)
+            for key, buffer in self.statistics.items():  # absent from `state`: 0, not set
+                buffer.copy_(state[key] if key in state else torch.zeros_like(buffer))
             for key in delta:
                 self._snapshot(key)
             for key, w0 in self._w0.items():
@@ -261,7 +268,8 @@ class AdapterHandle:
         return self.params[key] if key in self.params else self.base[key]
 
     def shapes(self) -> dict[str, torch.Size]:
-        """Every key this handle can install or train, with its shape."""
+        """Every weight this handle can install or train, with its shape (statistics, which are
+        installed but never trained, are in `statistics`)."""
         return {k: p.shape for k, p in {**self.params, **self.base}.items()}
 
     def param_names(self) -> dict[str, str]:

@@ -58,6 +58,8 @@ class MeanPoolingClassifier(nn.Module):
     reloads it.
     """
 
+    STATISTICS = ("feature_center",)  # buffers `AdapterHandle` installs (keys.statistic_key)
+
     def __init__(self, encoder: nn.Module, num_labels: int, name_or_path: str,
                  normalize: bool = False):
         super().__init__()
@@ -68,7 +70,9 @@ class MeanPoolingClassifier(nn.Module):
         hidden = encoder.config.hidden_size
         self.dropout = nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.1) or 0.0)
         self.classifier = nn.Linear(hidden, num_labels)
-        self.feature_center = nn.Parameter(torch.zeros(hidden), requires_grad=False)
+        # μ: a statistic of the clients' data (their DP mean feature), not a weight — a buffer,
+        # never trained, installed by `AdapterHandle` from the global state's `statistics`
+        self.register_buffer("feature_center", torch.zeros(hidden), persistent=False)
 
     def features(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                  token_type_ids: Tensor | None = None) -> Tensor:

@@ -116,9 +116,9 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
 
 def _center_dim(config: Config, handle: AdapterHandle) -> int:
     """The feature size μ has, if this run centres the classifier's features (else 0)."""
-    if not centering_enabled(config) or keys.CENTER not in handle.shapes():
+    if not centering_enabled(config) or keys.CENTER not in handle.statistics:
         return 0
-    return handle.shapes()[keys.CENTER][0]
+    return handle.statistics[keys.CENTER].shape[0]
 
 
 def _initial_scores(server: ServerSide, state: FederationState, folder: RunFolder,
@@ -166,9 +166,8 @@ def export_adapter(server: ServerSide, state: FederationState, path: Path,
     handle.model.save_pretrained(str(path))
     if server.task is not None:
         server.task.export(handle.model, server.tokenizer, path.parent)
-    base_delta = fold_center(glob.base_delta)
-    if base_delta:
-        save_base_delta(base_delta, path.parent / "base_delta.safetensors")
+    if glob.base_delta:
+        save_base_delta(glob.base_delta, path.parent / "base_delta.safetensors")
     if method.personalised:
         for client in clients:
             handle.install(fold_center(method.client_state(

@@ -20,14 +20,16 @@ so adding or removing one example moves the sum by at most 1: a Poisson-subsampl
 mechanism with noise multiplier σ_m (`privacy.center_noise`), recorded in the client's
 accountant like a DP-SGD step and included when the DP-SGD noise is calibrated, so the total ε
 stays within the target. n_k is treated as public, as it already is in DP-SGD's q·n. The server
-sets μ = Σ_k S̃_k / Σ_k c_k; it becomes the model's frozen `feature_center`, a base-weight change
-(`keys.CENTER`) that travels, checkpoints and resumes with the global state. Exported heads fold
-it in: W·(e − μ) + b = W·e + (b − W·μ).
+sets μ = Σ_k S̃_k / Σ_k c_k; it becomes the model's `feature_center` buffer, a statistic of the
+global state (`GlobalState.statistics`, key `keys.CENTER`): installed with the model, sent down
+with every download, checkpointed and resumed, never trained and not a weight. Exported heads
+fold it in: W·(e − μ) + b = W·e + (b − W·μ).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -109,11 +111,11 @@ def center_from(answers: list[State]) -> Tensor:
 
 
 def with_center(glob: GlobalState, center: Tensor) -> GlobalState:
-    return GlobalState(glob.adapter, {**glob.base_delta, keys.CENTER: center})
+    return replace(glob, statistics={**glob.statistics, keys.CENTER: center})
 
 
 def has_center(glob: GlobalState) -> bool:
-    return keys.CENTER in glob.base_delta
+    return keys.CENTER in glob.statistics
 
 
 def fold_center(state: State) -> State:

@@ -36,7 +36,7 @@ from fedlora.fsutil import atomic_write_bytes
 from fedlora.methods.base import GlobalState
 
 FILENAME = "checkpoint.safetensors"
-FORMAT = 1
+FORMAT = 2  # 2: the feature centre is a statistic (`statistics/`), no longer a base change
 
 
 class CheckpointError(FedloraError):
@@ -66,6 +66,7 @@ def save_checkpoint(path: str | Path, config: Config, state: FederationState, cl
     after a resume)."""
     tensors = {f"adapter/{k}": v for k, v in state.glob.adapter.items()}
     tensors.update({f"base/{k}": v for k, v in state.glob.base_delta.items()})
+    tensors.update({f"statistics/{k}": v for k, v in state.glob.statistics.items()})
     for c in clients:
         tensors.update({f"client/{c.cid}/{k}": v for k, v in c.personal.items()})
     tensors["rng/torch"] = torch.get_rng_state()
@@ -116,7 +117,8 @@ def load_checkpoint(path: str | Path, config: Config | None = None) -> Checkpoin
 def restore(ckpt: Checkpoint, clients=()) -> FederationState:
     """The loop state of `ckpt`; also restores the clients' state and the torch RNG."""
     t, m = ckpt.tensors, ckpt.meta
-    glob = GlobalState(adapter=_under(t, "adapter/"), base_delta=_under(t, "base/"))
+    glob = GlobalState(adapter=_under(t, "adapter/"), base_delta=_under(t, "base/"),
+                       statistics=_under(t, "statistics/"))
     state = FederationState(
         glob=glob,
         epsilon={int(k): float(v) for k, v in m["epsilon"].items()},

@@ -31,14 +31,19 @@ class Update:
 
 @dataclass(frozen=True)
 class GlobalState:
-    """The server's model: adapter tensors, and changes to the frozen base weights (if any).
+    """The server's model: adapter tensors, changes to the frozen base weights (if any), and
+    statistics of the clients' data the model reads.
 
     `base_delta` is keyed by base-weight name and added to the pre-trained weights: methods such
-    as FedEx-LoRA and FLoRA fold parts of the aggregate into the base model.
+    as FedEx-LoRA and FLoRA fold parts of the aggregate into the base model. `statistics`
+    (`keys.is_statistic`) are computed under DP before round 1 — the feature centre μ of
+    `fedlora.federation.centering` — and installed with the model; no method trains or
+    aggregates them, and every method's new state keeps them (`dataclasses.replace`).
     """
 
     adapter: State
     base_delta: State = field(default_factory=dict)
+    statistics: State = field(default_factory=dict)
 
     def with_adapter(self, adapter: State) -> "GlobalState":
         return replace(self, adapter=adapter)
@@ -48,11 +53,12 @@ class GlobalState:
         to `base_delta`, the rest to `adapter`."""
         base = {k: v for k, v in state.items() if keys.is_base(k)}
         rest = {k: v for k, v in state.items() if not keys.is_base(k)}
-        return GlobalState({**self.adapter, **rest}, {**self.base_delta, **base})
+        return replace(self, adapter={**self.adapter, **rest},
+                       base_delta={**self.base_delta, **base})
 
     def tensors(self) -> State:
-        """Adapter and base changes in one state: what installs the global model."""
-        return {**self.adapter, **self.base_delta}
+        """Adapter, base changes and statistics in one state: what installs the global model."""
+        return {**self.adapter, **self.base_delta, **self.statistics}
 
 
 class Method:

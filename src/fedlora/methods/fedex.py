@@ -8,6 +8,8 @@ download bytes.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fedlora.methods import keys, lowrank
 from fedlora.methods.base import GlobalState, Update
 from fedlora.methods.lora import FedIT
@@ -34,4 +36,4 @@ class FedExLoRA(FedIT):
             key = keys.base_of(prefix)
             old = base.get(key)
             base[key] = (residual if old is None else old.double() + residual).to(new.adapter[a].dtype)
-        return GlobalState(new.adapter, base)
+        return replace(new, base_delta=base)

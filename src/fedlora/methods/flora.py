@@ -8,6 +8,8 @@ so only the head and the merged base change travel down (the base change is full
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fedlora.methods import keys, lowrank
 from fedlora.methods.base import GlobalState, State, Update
 from fedlora.methods.lora import FedIT
@@ -40,4 +42,4 @@ class FLoRA(FedIT):
             base[key] = (merged if old is None else old.double() + merged).to(updates[0].state[a].dtype)
         handled = {k for pair in modules.values() for k in pair}
         # the adapter's A and B stay the fresh ones; the head is averaged
-        return self.average_rest(GlobalState(glob.adapter, base), updates, handled)
+        return self.average_rest(replace(glob, base_delta=base), updates, handled)

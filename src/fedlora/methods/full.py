@@ -22,8 +22,8 @@ class FullFineTuning(Method):
     paper = "McMahan et al., AISTATS 2017 (FedAvg)"
 
     def trainable(self, key: str, round: int) -> bool:
-        if keys.is_base(key):  # μ is a statistic of the data, not a weight to train
-            return "position_embeddings" not in key and not keys.is_center(key)
+        if keys.is_base(key):
+            return "position_embeddings" not in key
         return keys.is_head(key)
 
     def communicated(self, key: str) -> bool:

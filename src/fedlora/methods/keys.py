@@ -7,6 +7,7 @@ value is Δ in W = W0 + Δ (never W itself), so it can be averaged, summed and s
 """
 
 BASE = "base_delta:"
+STATISTIC = "statistic:"  # a statistic of the clients' data the model reads (never trained)
 
 
 def is_lora_a(key: str) -> bool:
@@ -22,13 +23,23 @@ def is_base(key: str) -> bool:
     return key.startswith(BASE)
 
 
+def is_statistic(key: str) -> bool:
+    """A statistic the model reads, computed from the clients' data under DP before training
+    (the feature centre μ): installed with the global model, never trained, not a weight."""
+    return key.startswith(STATISTIC)
+
+
 def is_head(key: str) -> bool:
     """The task head (PEFT's `modules_to_save`, e.g. BERT's `classifier`)."""
-    return not is_lora_a(key) and not is_lora_b(key) and not is_base(key)
+    return not is_lora_a(key) and not is_lora_b(key) and not is_base(key) and not is_statistic(key)
 
 
-#: the classifier's frozen feature centre μ (`fedlora.pooling.MeanPoolingClassifier`), as a base change
-CENTER = BASE + "base_model.model.feature_center"
+def statistic_key(buffer_name: str) -> str:
+    return STATISTIC + buffer_name
+
+
+#: the classifier's feature centre μ (`fedlora.pooling.MeanPoolingClassifier.feature_center`)
+CENTER = STATISTIC + "base_model.model.feature_center"
 
 
 def is_center(key: str) -> bool:
