@@ -115,7 +115,7 @@ def timed_run(config, work: Path, after_setup=None) -> dict[str, Any]:
     server = ServerSide(config, exp.method, exp.trainer.handle, exp.initial, evaluate,
                         majority_accuracy(exp))
     transport = InProcessTransport(exp.trainer, exp.clients, timings=timings)
-    transport.exchange = _query_apart(transport.exchange, timings)
+    transport.ask_center = _query_apart(transport.ask_center, timings)
     setup = time.perf_counter() - start
     if after_setup:
         after_setup()
@@ -126,18 +126,15 @@ def timed_run(config, work: Path, after_setup=None) -> dict[str, Any]:
     return {"timings": timings, "summary": summary, "setup_seconds": setup}
 
 
-def _query_apart(exchange, timings: dict[str, float]):
-    """The DP feature-centring query (once, before round 1) goes through the transport and the
-    trainer like a round, but it is no round's training: its seconds go under
-    `centring query: <phase>`, not under the rounds' `train`/`serialise`/`ledger`."""
-    from fedlora.federation.centering import CENTER_ROUND
+def _query_apart(ask_center, timings: dict[str, float]):
+    """The DP feature-centring query (once, before round 1) is timed by the same phases as a
+    round (`train`, `serialise`, `ledger`), but it is no round's training: its seconds go under
+    `centring query: <phase>` instead."""
 
-    def timed(round, downloads):
-        if round != CENTER_ROUND:
-            return exchange(round, downloads)
+    def timed(clients):
         before = dict(timings)
         try:
-            return exchange(round, downloads)
+            return ask_center(clients)
         finally:
             for key, value in list(timings.items()):
                 spent = value - before.get(key, 0.0)

@@ -41,16 +41,22 @@ DRIVER = textwrap.dedent('''
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    if kind == "trained":  # after client c trained round r: ledger written, round not finished
-        r, c = map(int, arg.split(","))
+    if kind == "trained":  # after client c trained round r (-1: answered the centring query):
+        r, c = map(int, arg.split(","))  # ledger written, round not finished
         from fedlora.federation.client import LocalTrainer
-        train = LocalTrainer.train
+        train, answer = LocalTrainer.train, LocalTrainer.answer_center_query
         def killing_train(self, client, download, round):
             reply = train(self, client, download, round)
             if (round, client.cid) == (r, c):
                 die()
             return reply
+        def killing_answer(self, client):
+            reply = answer(self, client)
+            if (-1, client.cid) == (r, c):
+                die()
+            return reply
         LocalTrainer.train = killing_train
+        LocalTrainer.answer_center_query = killing_answer
     elif kind in ("torn", "checkpointed"):  # during / right after the n-th checkpoint write
         n, calls = int(arg), []
         from fedlora.federation import checkpoint
@@ -121,7 +127,8 @@ def outcome(folder: Path) -> dict:
 
 def _latest(ledger: Path) -> dict:
     rounds = json.loads(ledger.read_text())["rounds"]
-    return {"round": max(map(int, rounds)), **rounds[str(max(map(int, rounds)))]}
+    last = max(int(r) for r in rounds if r != "center")  # "center": the centring query's entry
+    return {"round": last, **rounds[str(last)], "entries": sorted(rounds)}
 
 
 def _spent(partial: Path) -> dict[str, int]:
@@ -129,8 +136,8 @@ def _spent(partial: Path) -> dict[str, int]:
     out = {}
     for f in (partial / "ledger").glob("client-*.json"):
         rounds = json.loads(f.read_text())["rounds"]
-        latest = rounds[max(rounds, key=int)]["accountant"]["history"]
-        out[f.stem] = sum(n for _, _, n in latest)
+        out[f.stem] = max(sum(n for _, _, n in e["accountant"]["history"])
+                          for e in rounds.values() if "accountant" in e)
     return out
 
 
