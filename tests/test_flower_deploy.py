@@ -83,17 +83,23 @@ def _payload_sizes(config) -> tuple[int, int]:
     return payload_bytes(exp.method.upload(exp.initial, 0)), payload_bytes(exp.method.download(glob, 0))
 
 
+def _simulation_and_deployment(d: Deployment, config, tmp_path: Path, sites: int):
+    """The run in the simulation, then on a SuperLink with `sites` demo SuperNodes: both summaries,
+    once the deployment's adapter and metrics are checked against the simulation's."""
+    sim = fedlora.run(config, tmp_path / "sim", progress=None)
+    d.superlink()
+    for k in range(sites):
+        d.supernode(f"node{k}", {"partition-id": k, "num-partitions": sites})
+    deploy.write_connection(d.home, "local", d.address)
+    summary = _flwr_run(d, config, tmp_path / "flower")
+    _assert_same_as_simulation(tmp_path / "flower", tmp_path / "sim", rounds=config.federation.rounds)
+    return sim, summary
+
+
 def test_three_sites_match_the_simulation(deployment, tiny_overrides, tmp_path):
     """Two rounds of FFA-LoRA with DP: same adapter, same ε per site, bytes = payload sizes."""
     config = load_config(None, tiny_overrides)
-    sim = fedlora.run(config, tmp_path / "sim", progress=None)
-    d = deployment
-    d.superlink()
-    for k in range(3):
-        d.supernode(f"node{k}", {"partition-id": k, "num-partitions": 3})
-    deploy.write_connection(d.home, "local", d.address)
-    summary = _flwr_run(d, config, tmp_path / "flower")
-    _assert_same_as_simulation(tmp_path / "flower", tmp_path / "sim", rounds=2)
+    sim, summary = _simulation_and_deployment(deployment, config, tmp_path, sites=3)
     up, down = _payload_sizes(config)
     for record in _records(tmp_path / "flower"):
         assert record["bytes_uploaded"] == 3 * up and record["bytes_downloaded"] == 3 * down
@@ -109,14 +115,7 @@ def test_a_causal_lm_on_a_real_deployment_matches_the_simulation(deployment, cau
     """The tiny Llama on prompt → answer pairs, two sites in their own SuperNode processes:
     the same adapter and ε per site as the simulation, in seeded mode."""
     config = load_config(None, causal_overrides + ["federation.clients=2", "privacy.noise=seeded"])
-    sim = fedlora.run(config, tmp_path / "sim", progress=None)
-    d = deployment
-    d.superlink()
-    for k in range(2):
-        d.supernode(f"node{k}", {"partition-id": k, "num-partitions": 2})
-    deploy.write_connection(d.home, "local", d.address)
-    summary = _flwr_run(d, config, tmp_path / "flower")
-    _assert_same_as_simulation(tmp_path / "flower", tmp_path / "sim", rounds=2)
+    sim, summary = _simulation_and_deployment(deployment, config, tmp_path, sites=2)
     assert summary["task"] == "causal" and summary["steps"] == sim["steps"]
 
 
