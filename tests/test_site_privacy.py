@@ -365,3 +365,27 @@ def test_the_supernode_command_carries_the_sites_terms(tmp_path):
     assert "clip" not in values and "share-evaluation" not in values
     parsed = tomllib.loads("\n".join(node_config_text({k: v}) for k, v in values.items()))
     assert parsed == values and SiteTerms.read(parsed).allow_seeded_noise is True
+
+
+def test_a_run_without_dp_marks_the_sites_data_as_exposed(one_step, tmp_path):
+    """A non-private run takes no accounted step, yet releases the data unprotected: a later DP
+    run on the same data must not start from ε = 0 — the site's book says ε = ∞ and it refuses."""
+    plain = SiteProcess(one_step("privacy.epsilon=inf"), tmp_path, tmp_path / "site")
+    assert plain.train(0)[0]["refused"] is None
+    private = SiteProcess(one_step(), tmp_path, tmp_path / "site")
+    private.run_config = {**private.run_config, "out": str(tmp_path / "private-run")}
+    reply, upload = private.train(0)
+    assert "spent its privacy budget" in reply["refused"] and upload == {}
+    assert reply["epsilon"] == math.inf
+
+
+def test_an_unreadable_site_book_is_refused(one_step, tmp_path):
+    from fedlora.privacy.ledger import LedgerError
+
+    site = SiteProcess(one_step(), tmp_path, tmp_path / "site")
+    site.train(0)
+    (book,) = (tmp_path / "site").glob("spent-*.json")
+    book.write_text('{"runs": {"x": [[1.0, "q"]]}}')
+    with pytest.raises(LedgerError, match="unreadable.*restore the file"):
+        site.train(1)
+    assert book.read_text() == '{"runs": {"x": [[1.0, "q"]]}}'  # nothing rewritten

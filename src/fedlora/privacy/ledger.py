@@ -115,14 +115,16 @@ class PrivacyLedger:
         drop their released bytes and accountant states (keeping the latest, which is what
         the client has spent) but never their digests, so a server that asks again anyway is
         refused. Keeps the ledger as small as the checkpoint interval, plus one line per round."""
-        latest = self._latest_round()
+        latest, changed = self._latest_round(), False
         for r, e in self.rounds.items():
-            if _order(r) < round:
+            if _order(r) < round and ("release" in e or ("accountant" in e and r != latest)):
                 self.release_path(r).unlink(missing_ok=True)
                 e.pop("release", None)
                 if r != latest:
                     e.pop("accountant", None)
-        self._write()
+                changed = True
+        if changed:  # most rounds there is nothing to forget: no write, no fsync
+            self._write()
 
     def record(self, round: int, digest: str, accountant_state: dict, upload: State,
                personal: State, steps: int, loss: float | None = None) -> None:

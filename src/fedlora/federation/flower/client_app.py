@@ -46,7 +46,7 @@ def query(msg: Message, context: Context) -> Message:
     if "ask" in record:
         if str(record["ask"]) != "center":
             raise ConfigError(f"the server asked {record['ask']!r}; a site answers only 'center'")
-        return _release(msg, context, int(record["client"]), list(record["label-names"]),
+        return _answer(msg, context, int(record["client"]), list(record["label-names"]),
                         int(record["checkpointed"]), None)
     run = read_run_config(context.run_config)
     cid = client_id(context.node_config, run.config)
@@ -58,11 +58,11 @@ def train(msg: Message, context: Context) -> Message:
     """Train the round the server asks for, continuing from this site's state on disk, on the
     site's own terms (its node config): a run asking for more privacy spending is refused."""
     instruction = read_train(msg.content.config_records[RECORD])
-    return _release(msg, context, instruction.client, instruction.label_names,
+    return _answer(msg, context, instruction.client, instruction.label_names,
                     instruction.checkpointed, instruction)
 
 
-def _release(msg: Message, context: Context, cid: int, label_names: list[str],
+def _answer(msg: Message, context: Context, cid: int, label_names: list[str],
              checkpointed: int, instruction) -> Message:
     """A training round (`instruction`) or, with none, the centring query: on the site's terms,
     from its state on disk, its ledger written before the reply leaves."""

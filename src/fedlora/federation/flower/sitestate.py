@@ -145,8 +145,11 @@ class SiteState:
         client.privacy.prior = tuple(book.others(self.key))
         client.privacy.budget = budget
         # charged on the site's book before the run's own ledger entry, so that a crash between
-        # the two can over-count, never under-count
-        self.ledger.before_record = lambda state: book.charge(self.key, state["history"])
+        # the two can over-count, never under-count. A run without DP records no steps, yet it
+        # released the data unprotected: the book marks it with σ = 0 (ε = ∞ from then on).
+        exposed = [[0.0, 1.0, 1]]
+        self.ledger.before_record = lambda state: book.charge(
+            self.key, state["history"] if config.private else exposed)
         client.ledger = self.ledger
         if config.privacy.noise == "secret":
             client.randomness = load_or_create_key(self.folder / "secret.key",
