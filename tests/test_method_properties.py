@@ -255,6 +255,45 @@ def test_ffa_with_unequal_ranks_is_exact(overrides):
     assert [u.state[b].shape[1] for u in updates] == [2, 4, 8]
 
 
+# ------------------------------------------------------------------------------- FedSVD
+
+
+def test_orthonormal_refactor_is_the_svd_of_the_product():
+    """Against the dense SVD of B·A: same product, orthonormal rows of A', B' = U_r·S_r (so
+    its column norms are the singular values, largest first), also for a rank-deficient B."""
+    gen = torch.Generator().manual_seed(0)
+    A, B = torch.randn(4, 30, generator=gen), torch.randn(20, 4, generator=gen)
+    for b in (B, torch.cat([B[:, :2], torch.zeros(20, 2)], dim=1)):
+        new_a, new_b = lowrank.orthonormal_refactor(A, b)
+        product = (b @ A).double()
+        assert rel(new_b.double() @ new_a.double(), product) < 1e-6
+        assert torch.allclose(new_a @ new_a.T, torch.eye(4), atol=1e-6)
+        assert torch.allclose(new_b.norm(dim=0).double(), torch.linalg.svdvals(product)[:4], atol=1e-5)
+        assert torch.allclose(new_b.T @ new_b, torch.diag(new_b.norm(dim=0) ** 2), atol=1e-4)
+
+
+def test_fedsvd_aggregate_is_ffas_model_with_an_orthonormal_A(overrides):
+    """The clients' step is FFA-LoRA's (same trained and uploaded tensors); the server's model
+    after aggregation is FFA-LoRA's exact average, re-factored: same effective weights, new A
+    with orthonormal rows, sent down from then on (before, each client builds it from the seed)."""
+    ffa = build_experiment(load_config(None, overrides + ["method.name=ffa"]))
+    svd = build_experiment(load_config(None, overrides + ["method.name=fedsvd"]))
+    m = svd.method
+    glob = m.init_global(svd.initial)
+    assert not any(keys.is_lora_a(k) for k in m.download(glob, 0))  # B = 0: A is the seed's
+    updates = random_updates(svd, glob)
+    assert [set(u.state) for u in updates] == [set(u.state) for u in random_updates(ffa, glob)]
+    assert not any(keys.is_lora_a(k) for u in updates for k in u.state)
+    new = m.aggregate(glob, updates, 0)
+    reference = ffa.method.aggregate(ffa.method.init_global(ffa.initial), updates, 0)
+    got, want = effective(svd, {**svd.initial, **new.tensors()}), effective(ffa, {**ffa.initial, **reference.tensors()})
+    assert all(rel(got[n], want[n]) < 1e-6 for n in want)
+    for a, b in keys.lora_modules(svd.initial).values():
+        assert not torch.equal(new.adapter[a], svd.initial[a])  # A really moved
+        assert torch.allclose(new.adapter[a] @ new.adapter[a].T, torch.eye(m.max_rank), atol=1e-5)
+        assert torch.equal(m.download(new, 0)[a], new.adapter[a])
+
+
 # ------------------------------------------------------------------------------- full
 
 

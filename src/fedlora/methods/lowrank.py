@@ -112,3 +112,20 @@ def svd_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
         B = torch.cat([B, B.new_zeros(B.shape[0], rank - k)], dim=1)
         A = torch.cat([A, A.new_zeros(rank - k, A.shape[1])], dim=0)
     return A, B
+
+
+def orthonormal_refactor(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """(A', B') with B'·A' = B·A, A'·A'ᵀ = I_r, and B' = U_r·S_r (FedSVD's re-factoring).
+
+    B·A = U·S·Vᵀ is an SVD of a rank-≤ r product; A' = V_rᵀ, B' = U_r·S_r. Computed from two
+    thin QR factorisations instead of the dense d_out × d_in SVD (cost O((d_in + d_out)·r²)):
+    B = Q_B·R_B and Aᵀ = Q_A·R_A give B·A = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ, and the SVD of the r × r core
+    R_B·R_Aᵀ = U_c·S·V_cᵀ yields U = Q_B·U_c and V = Q_A·V_c. A′'s rows lie in A's row space,
+    also for directions whose singular value is 0. In float64; returned in A's and B's dtypes.
+    """
+    qb, rb = torch.linalg.qr(B.double())
+    qa, ra = torch.linalg.qr(A.double().T)
+    uc, s, vch = torch.linalg.svd(rb @ ra.T)
+    new_a = (qa @ vch.T).T
+    new_b = (qb @ uc) * s
+    return new_a.to(A.dtype), new_b.to(B.dtype)
