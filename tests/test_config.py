@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedlora.config import Config, config_to_toml, load_config
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, DataError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -57,3 +57,40 @@ def test_section_given_as_value_is_an_error(tmp_path):
     p.write_text("privacy = 3\n")
     with pytest.raises(ConfigError, match=r"\[privacy\]"):
         load_config(p)
+
+
+def test_reading_a_config_needs_no_torch():
+    """`fedlora.config` (parsing, the allowed values, device names) imports no torch; only
+    checking `method.name` does, through the method registry that owns the names."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fedlora.config import PARTITIONS, apply_override, valid_device_name; "
+            "raw = {}; apply_override(raw, 'data.partition=iid'); "
+            "assert raw['data']['partition'] in PARTITIONS; "
+            "assert valid_device_name('cuda:3') and not valid_device_name('gpu'); "
+            "print([m for m in ('torch', 'transformers', 'opacus') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_allowed_values_each_have_exactly_one_implementation():
+    """The lists of allowed values live in `fedlora.config`; the code implementing them must
+    implement exactly those (so a value cannot be accepted and then fail, or exist unlisted)."""
+    import numpy as np
+
+    from fedlora import config
+    from fedlora.causal.generate import SCORER_BUILDERS
+    from fedlora.data.partition import partition
+    from fedlora.privacy.epsilon import KINDS
+    from fedlora.tasks import task_kinds
+
+    assert set(task_kinds()) == set(config.TASKS)
+    assert set(SCORER_BUILDERS) == set(config.SCORERS)
+    assert set(KINDS) == set(config.ACCOUNTANTS)
+    labels, groups = np.array([0, 1] * 20), [f"g{i % 5}" for i in range(40)]
+    for scheme in config.PARTITIONS:
+        parts = partition(labels, clients=2, scheme=scheme, seed=0, groups=groups, alpha=1.0)
+        assert sorted(i for p in parts for i in p) == list(range(40))
+    with pytest.raises(DataError, match="unknown"):
+        partition(labels, clients=2, scheme="unlisted", seed=0, groups=groups)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,18 @@ CENTERS = ("auto", "off")
 BAD_UPDATE = ("skip", "stop")
 TASKS = ("classification", "causal")
 SCORERS = ("numeric", "gsm", "exact")
+POOLINGS = ("auto", "cls", "mean", "mean_normalized")
+DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# Each list is declared here, once, with its option, so that reading and checking a config
+# needs no torch; the code that implements the values uses these names (tests check that
+# every listed value has an implementation and nothing else does). Method names are the
+# exception: the method registry owns them (a new method file registers itself).
+
+
+def valid_device_name(name: object) -> bool:
+    """Is `name` one of auto, cpu, cuda, cuda:N (checked without looking for a GPU)."""
+    return isinstance(name, str) and _DEVICE.fullmatch(name) is not None
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -313,12 +326,10 @@ def validate(config: Config) -> None:
     c = config
     _check(c.seed >= 0, "seed must be ≥ 0")
     _check(c.threads >= 0, "threads must be ≥ 0 (0 = all cores)")
-    from fedlora.device import DEVICE_NAMES, valid_device_name
-
     _check(valid_device_name(c.device), f"device must be one of {', '.join(DEVICE_NAMES)} "
            f"(N = GPU index, e.g. cuda:0), got {c.device!r}")
-    _check(c.model.pooling in ("auto", "cls", "mean", "mean_normalized"),
-           f"model.pooling must be auto, cls, mean or mean_normalized, got '{c.model.pooling}'")
+    _check(c.model.pooling in POOLINGS,
+           f"model.pooling must be one of {', '.join(POOLINGS)}, got '{c.model.pooling}'")
     _check(c.model.max_length >= 8, "model.max_length must be ≥ 8 tokens")
     _check(c.model.center in CENTERS,
            f"model.center must be one of {', '.join(CENTERS)}, got '{c.model.center}'")

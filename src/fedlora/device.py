@@ -19,20 +19,13 @@ in the model, a CPU and a GPU run train on different masks.
 
 from __future__ import annotations
 
-import re
 
 import torch
 from torch import Tensor, nn
 
+from fedlora.config import DEVICE_NAMES, valid_device_name
 from fedlora.errors import ConfigError
 
-DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N")
-_VALID = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-def valid_device_name(name: str) -> bool:
-    """Is `name` one of auto, cpu, cuda, cuda:N (checked without looking for a GPU)."""
-    return isinstance(name, str) and _VALID.fullmatch(name) is not None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-POOLINGS = ("auto", "cls", "mean", "mean_normalized")
 
 
 def checkpoint_pooling(path: str) -> str:

@@ -81,7 +81,13 @@ def _gsm_scorer() -> Callable[[str, str], bool]:
     return lambda generated, answer: dataset.score_answer(generated, {"answer": answer}) == 1.0
 
 
+#: `task.scorer` → a function building the scorer; the names are `fedlora.config.SCORERS`
+SCORER_BUILDERS: dict[str, Callable[[], Callable[[str, str], bool]]] = {
+    "numeric": lambda: numeric_match,
+    "exact": lambda: exact_match,
+    "gsm": _gsm_scorer,  # imports reasoning-gym only when asked for
+}
+
+
 def get_scorer(name: str) -> Callable[[str, str], bool]:
-    if name == "gsm":
-        return _gsm_scorer()
-    return {"numeric": numeric_match, "exact": exact_match}[name]
+    return SCORER_BUILDERS[name]()

@@ -28,11 +28,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedlora.config import PARTITIONS
 from fedlora.errors import DataError
 
 __all__ = ["SCHEMES", "DIRICHLET_ATTEMPTS", "label_counts", "partition"]
 
-SCHEMES = ("iid", "dirichlet", "group")
+SCHEMES = PARTITIONS  # declared with the option, in fedlora.config
 DIRICHLET_ATTEMPTS = 100
 
 

@@ -22,9 +22,13 @@ if TYPE_CHECKING:
     from fedlora.tasks.base import Task
 
 
-def get_task(config: "Config") -> "Task":
+def task_kinds() -> dict[str, type["Task"]]:
+    """`task.kind` → its Task class; the names are `fedlora.config.TASKS`."""
     from fedlora.tasks.causal import CausalTask
     from fedlora.tasks.classification import ClassificationTask
 
-    kinds = {"classification": ClassificationTask, "causal": CausalTask}
-    return kinds[config.task.kind](config)
+    return {"classification": ClassificationTask, "causal": CausalTask}
+
+
+def get_task(config: "Config") -> "Task":
+    return task_kinds()[config.task.kind](config)

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 from fedlora.config import Config
 from fedlora.data.sources import TextDataset, split_holdout
-from fedlora.device import DEVICE_NAMES, valid_device_name
+from fedlora.config import DEVICE_NAMES, valid_device_name
 from fedlora.errors import ConfigError, DataError
 from fedlora.experiment import (Base, build_base, build_client, build_trainer, held_out_evaluator,
                                 load_data, split_data)
