@@ -115,7 +115,12 @@ def _execute(exp: Experiment, folder: RunFolder, say, start: float,
     if not folder.resuming:
         folder.write_json("partition.json", partition_report(exp))
     server = ServerSide(exp.config, exp.method, exp.trainer.handle, exp.initial, exp.evaluate,
-                        majority_accuracy(exp), exp.task, exp.tokenizer)
+                        majority_accuracy(exp), exp.task, exp.tokenizer,
+                        label_names=_label_names(exp))
     transport = InProcessTransport(exp.trainer, exp.clients)
     return execute(server, transport, folder, say, start,
                    lambda: [client_facts(c) for c in exp.clients], exp.clients, saved)
+
+
+def _label_names(exp: Experiment) -> list[str] | None:
+    return list(exp.dataset.label_names) if exp.task.kind == "classification" else None

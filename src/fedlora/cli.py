@@ -22,6 +22,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="section.key=value",
                      help="config overrides, e.g. privacy.epsilon=inf method.name=lora")
     sub.add_parser("methods", help="list the federated methods")
+    pred = sub.add_parser("predict", help="classify new texts with a finished run's model (CSV out)")
+    pred.add_argument("run", metavar="RUN", help="the run folder `fedlora run` wrote")
+    pred.add_argument("--input", required=True, metavar="FILE",
+                      help="CSV, TSV or JSONL file (optionally .gz/.bz2) with a column of texts")
+    pred.add_argument("--text-column", default="text", help="the column holding the texts (default: text)")
+    pred.add_argument("--out", required=True, metavar="FILE",
+                      help="CSV to write: row, label, p_<class> for each class (never overwritten)")
+    pred.add_argument("--client", type=int, metavar="K",
+                      help="a personalised run's site K's own model (fedsa, method.head=local)")
+    pred.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    pred.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
     data = sub.add_parser("data", help="write generated prompt/answer pairs (reasoning-gym) to JSONL")
     data.add_argument("generator", choices=["gsm", "arithmetic"],
                       help="gsm: GSM-Symbolic word problems; arithmetic: 2–3 terms of 1–2 digits, + and −")
@@ -97,6 +108,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         for name in available_methods():
             print(f"{name:10s} {method_class(name).__doc__.strip().splitlines()[0]}")
+        return 0
+    if args.command == "predict":
+        from fedlora.predict import predict_file
+
+        n = predict_file(args.run, args.input, args.out, args.text_column, args.client,
+                         args.device, args.batch_size, progress=sys.stderr.isatty())
+        print(f"wrote {n:,} predictions to {args.out}")
         return 0
     if args.command == "data":
         from fedlora.data.generators import generate, write_jsonl

@@ -139,7 +139,7 @@ def build_base(config: Config, num_labels: int = 0, method: Method | None = None
     task = task or get_task(config)
     model_path = resolve_model_path(config.model.path)
     tokenizer = load_tokenizer(model_path)
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_id_of(tokenizer)
     model = task.load_model(model_path, num_labels)
     if config.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -151,7 +151,7 @@ def build_base(config: Config, num_labels: int = 0, method: Method | None = None
                 model_path, task)
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id_of(tokenizer) -> int:
     """Padding never reaches a loss or a prediction (masked, or after a causal sequence), so any
     id does; the tokenizer's own, else its end-of-sequence token, else 0."""
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):

@@ -45,6 +45,7 @@ class ServerSide:
     majority_accuracy: float | None = None
     task: Task | None = None  # for the task's own exports (a causal LM's merged model)
     tokenizer: object = None
+    label_names: list[str] | None = None  # a classifier's classes, in the head's order
 
 
 def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, start: float,
@@ -189,6 +190,8 @@ def build_summary(server: ServerSide, state: FederationState, facts: list[dict],
         "method": config.method.name,
         "task": config.task.kind,
         "metric": server.task.metric if server.task is not None else "accuracy",
+        # the head's output k is class label_names[k] (`fedlora predict` names its answers so)
+        "label_names": server.label_names,
         "test_accuracy": final.get("test_accuracy"),
         "test_loss": final.get("test_loss"),
         "test_accuracy_per_client": final.get("test_accuracy_per_client"),

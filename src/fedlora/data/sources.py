@@ -175,26 +175,41 @@ def load_dataset(
     name = os.fspath(path)
     if name in SHIPPED:
         return _load_shipped(name, text_column, label_column, group_column)
+    raw, fmt, compression = _read_file(name, "data.path", f"or a shipped data set name ({_shipped_names()})")
+    return _parse(raw, fmt, compression, name, text_column, label_column, group_column)
 
+
+def load_texts(path: str | os.PathLike[str], text_column: str = _DEFAULT_TEXT_COLUMN, *,
+               path_option: str = "--input", column_option: str = "--text-column") -> list[str]:
+    """The texts of one column of a CSV, TSV or JSONL file (as `load_dataset` reads them; no
+    labels needed): what `fedlora predict` classifies. Errors name `path_option` and
+    `column_option`, the options the user set."""
+    name = os.fspath(path)
+    raw, fmt, compression = _read_file(name, path_option, "")
+    columns, records = _rows(raw, fmt, compression, name, {column_option: text_column}, path_option)
+    return _texts(records, text_column, name)
+
+
+def _read_file(name: str, option: str, alternative: str) -> tuple[bytes, str, str | None]:
+    """The bytes of data file `name`, its format and compression; errors name `option`."""
     file = Path(name).expanduser()
     if not file.exists():
         raise DataError(
-            f"data.path: file '{name}' not found — give the path of a CSV, TSV or JSONL file, "
-            f"or a shipped data set name ({_shipped_names()})"
+            f"{option}: file '{name}' not found — give the path of a CSV, TSV or JSONL file"
+            + (f", {alternative}" if alternative else "")
         )
     if file.is_dir():
         raise DataError(
-            f"data.path: '{name}' is a directory — give the path of a CSV, TSV or JSONL file "
+            f"{option}: '{name}' is a directory — give the path of a CSV, TSV or JSONL file "
             f"inside it"
         )
     fmt, compression = _detect_format(name)
     try:
-        raw = file.read_bytes()
+        return file.read_bytes(), fmt, compression
     except OSError as e:
         raise DataError(
-            f"data.path: cannot read '{name}' ({e.strerror or e}) — check the file's permissions"
+            f"{option}: cannot read '{name}' ({e.strerror or e}) — check the file's permissions"
         ) from None
-    return _parse(raw, fmt, compression, name, text_column, label_column, group_column)
 
 
 def _load_shipped(
@@ -282,38 +297,9 @@ def _parse(
     label_column: str,
     group_column: str | None,
 ) -> TextDataset:
-    data = _decompress(raw, compression, name)
-    if not data.strip():
-        raise DataError(
-            f"data.path: '{name}' is empty — give a file with a header row and at least one "
-            f"data row per class"
-            if fmt != "jsonl"
-            else f"data.path: '{name}' is empty — give a file with one JSON object per line"
-        )
-    text = _decode(data, name)
-    wanted = [c for c in (text_column, label_column, group_column) if c is not None]
-    if fmt == "jsonl":
-        columns, records = _read_jsonl(text, name, wanted)
-    else:
-        columns, records = _read_delimited(text, "\t" if fmt == "tsv" else ",", name, wanted)
-
-    if not records:
-        raise DataError(
-            f"data.path: '{name}' has no data rows — add at least one row per class"
-            + (" below the header" if fmt != "jsonl" else "")
-        )
-    for key, column in (
-        ("text_column", text_column),
-        ("label_column", label_column),
-        ("group_column", group_column),
-    ):
-        if column is not None and column not in columns:
-            shown = ", ".join(repr(c) for c in columns) or "(none)"
-            raise DataError(
-                f"data.{key}: column '{column}' not found in '{name}' (columns: {shown}) — set "
-                f"data.{key} to one of them, or rename the column in the file"
-            )
-
+    wanted = {"data.text_column": text_column, "data.label_column": label_column,
+              "data.group_column": group_column}
+    _, records = _rows(raw, fmt, compression, name, wanted, "data.path", " per class")
     texts = _texts(records, text_column, name)
     labels, label_names = _labels(records, label_column, name)
     groups = None if group_column is None else _groups(records, group_column, name)
@@ -322,6 +308,39 @@ def _parse(
 
 # A record is (row number, line number, {column: value}); row numbers count data rows from 1.
 _Record = tuple[int, int, dict[str, Any]]
+
+
+def _rows(raw: bytes, fmt: str, compression: str | None, name: str,
+          wanted: dict[str, str | None], option: str, per: str = "") -> tuple[list[str], list[_Record]]:
+    """The columns and records of a data file, checked to hold the `wanted` columns (option
+    name → column; None: not wanted). Errors name `option` (the file) or the column's option."""
+    data = _decompress(raw, compression, name)
+    if not data.strip():
+        raise DataError(
+            f"{option}: '{name}' is empty — give a file with a header row and at least one "
+            f"data row{per}"
+            if fmt != "jsonl"
+            else f"{option}: '{name}' is empty — give a file with one JSON object per line"
+        )
+    text = _decode(data, name)
+    columns_wanted = [c for c in wanted.values() if c is not None]
+    if fmt == "jsonl":
+        columns, records = _read_jsonl(text, name, columns_wanted)
+    else:
+        columns, records = _read_delimited(text, "\t" if fmt == "tsv" else ",", name, columns_wanted)
+    if not records:
+        raise DataError(
+            f"{option}: '{name}' has no data rows — add at least one row{per}"
+            + (" below the header" if fmt != "jsonl" else "")
+        )
+    for key, column in wanted.items():
+        if column is not None and column not in columns:
+            shown = ", ".join(repr(c) for c in columns) or "(none)"
+            raise DataError(
+                f"{key}: column '{column}' not found in '{name}' (columns: {shown}) — set "
+                f"{key} to one of them, or rename the column in the file"
+            )
+    return columns, records
 
 
 def _read_delimited(

@@ -86,7 +86,7 @@ def build_server(config: Config, test_path: str) -> tuple[ServerSide, list[str]]
 
     labels = list(data.label_names) if task.kind == "classification" else []
     return ServerSide(config, base.method, base.handle, base.initial, evaluate, task=task,
-                      tokenizer=base.tokenizer), labels
+                      tokenizer=base.tokenizer, label_names=labels or None), labels
 
 
 def connect(grid, run: FlowerRun, say=_say) -> tuple[ServerSide, FlowerTransport]:

@@ -1,0 +1,139 @@
+"""`fedlora predict`: a finished run's classifier on new texts, checked against the run's own scores.
+
+The reference is the run itself: its evaluator scored the held-out set inside the training
+process (the live PEFT model with the global state installed); `predict` rebuilds the model
+from the run folder alone, as a user would. Predicting the held-out texts must give the
+accuracy the run reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+import fedlora
+from fedlora.cli import main
+from fedlora.config import load_config
+from fedlora.experiment import load_data, split_data
+from fedlora.methods import method_class
+from fedlora.tasks import get_task
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_st_model_dir, toy_csv, tmp_path_factory):
+    """A shared model with a base-weight change (fedex, no DP; the feature centre folded into
+    the head) and a personalised one (fedsa, ε = 3)."""
+    base = [f"model.path={tiny_st_model_dir}", "model.max_length=16", f"data.path={toy_csv}",
+            "data.text_column=review", "data.label_column=sentiment", "federation.rounds=2",
+            "federation.local_steps=2", "train.batch_size=16", "threads=1",
+            "federation.eval_examples=0"]
+    out = tmp_path_factory.mktemp("runs")
+    made = {}
+    for name, extra in {"shared": ["method.name=fedex", "privacy.epsilon=inf"],
+                        "fedsa": ["method.name=fedsa"]}.items():
+        fedlora.run(None, out / name, overrides=base + extra, progress=None)
+        made[name] = out / name
+    return made
+
+
+def _held_out(run: Path) -> tuple[list[str], list[list[str]], list, object]:
+    """The run's test texts and labels (shared, and per client for a personalised run)."""
+    config = load_config(run / "config.toml")
+    data = load_data(config, get_task(config))
+    split = split_data(data, config, method_class(config.method.name).always_personalised)
+    names = data.label_names
+    pick = lambda ix: ([data.texts[i] for i in ix], [names[data.labels[i]] for i in ix])  # noqa: E731
+    return pick(split.test), [pick(ix) for ix in split.client_test or []]
+
+
+def _write(path: Path, texts: list[str]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text"])
+        w.writerows([i, t] for i, t in enumerate(texts))
+    return path
+
+
+def _read(path: Path) -> list[dict]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predictions_reproduce_the_runs_test_accuracy(runs, tmp_path, capsys):
+    run = runs["shared"]  # fedex: a base-weight change (base_delta.safetensors) as well as the adapter
+    assert (run / "base_delta.safetensors").exists()
+    (texts, labels), _ = _held_out(run)
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", str(run), "--input", str(_write(tmp_path / "in.csv", texts)),
+                 "--out", str(out), "--batch-size", "7"]) == 0
+    assert f"wrote {len(texts)} predictions" in capsys.readouterr().out
+    rows = _read(out)
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(rows[0]) == ["row", "label"] + [f"p_{n}" for n in summary["label_names"]]
+    assert [int(r["row"]) for r in rows] == list(range(1, len(texts) + 1))  # input order
+    for r in rows:
+        probs = [float(r[f"p_{n}"]) for n in summary["label_names"]]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert r["label"] == summary["label_names"][probs.index(max(probs))]
+    accuracy = sum(r["label"] == y for r, y in zip(rows, labels)) / len(labels)
+    assert accuracy == pytest.approx(summary["test_accuracy"], abs=1e-6)  # float32 there
+    # the run's mean cross-entropy: sensitive to every weight, not only to the argmax
+    loss = -sum(math.log(float(r[f"p_{y}"])) for r, y in zip(rows, labels)) / len(labels)
+    assert loss == pytest.approx(summary["test_loss"], abs=1e-5)
+
+
+def test_a_personalised_run_predicts_with_each_sites_own_model(runs, tmp_path):
+    run = runs["fedsa"]
+    summary = json.loads((run / "summary.json").read_text())
+    _, per_client = _held_out(run)
+    for k, (texts, labels) in enumerate(per_client):
+        out = tmp_path / f"client{k}.csv"
+        assert main(["predict", str(run), "--input", str(_write(tmp_path / f"in{k}.csv", texts)),
+                     "--out", str(out), "--client", str(k)]) == 0
+        rows = _read(out)
+        accuracy = sum(r["label"] == y for r, y in zip(rows, labels)) / len(labels)
+        assert accuracy == pytest.approx(summary["test_accuracy_per_client"][k], abs=1e-6)  # float32 there
+
+
+def _fails(argv: list[str], capsys, *needles: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fedlora: error:")
+    for needle in needles:
+        assert needle in err
+
+
+def test_bad_input_gets_one_message_and_writes_nothing(runs, tmp_path, capsys):
+    good = _write(tmp_path / "in.csv", ["a fine film", "dull"])
+    out = tmp_path / "out.csv"
+    run = str(runs["shared"])
+    _fails(["predict", str(tmp_path / "nope"), "--input", str(good), "--out", str(out)], capsys,
+           "not found")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run, unfinished)
+    (unfinished / "summary.json").unlink()
+    _fails(["predict", str(unfinished), "--input", str(good), "--out", str(out)], capsys,
+           "not a finished run", "--resume")
+    _fails(["predict", run, "--input", str(tmp_path / "missing.csv"), "--out", str(out)], capsys,
+           "--input", "not found")
+    _fails(["predict", run, "--input", str(good), "--text-column", "review", "--out", str(out)],
+           capsys, "--text-column", "'review'", "'text'")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    _fails(["predict", run, "--input", str(empty), "--out", str(out)], capsys, "empty")
+    _fails(["predict", str(runs["fedsa"]), "--input", str(good), "--out", str(out)], capsys,
+           "personalised", "--client")
+    _fails(["predict", run, "--input", str(good), "--out", str(out), "--client", "0"], capsys,
+           "drop --client")
+    _fails(["predict", run, "--input", str(good), "--out", str(tmp_path / "no" / "out.csv")],
+           capsys, "does not exist")
+    assert not out.exists()
+    out.write_text("keep me")
+    _fails(["predict", run, "--input", str(good), "--out", str(out)], capsys, "exists")
+    assert out.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.csv", "in.csv", "out.csv", "unfinished"]
