@@ -84,8 +84,13 @@ def test_existing_out_folder_is_not_overwritten(tmp_path, capsys, tiny_overrides
 
 def test_methods_and_config_commands(capsys):
     assert main(["methods"]) == 0
-    out = capsys.readouterr().out
-    assert "ffa" in out and "lora" in out
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    from fedlora.methods import available_methods, method_class
+    assert sorted(lines) == available_methods()
+    for name, line in lines.items():  # what each method works with, from its class
+        assert ("method.chain_every" in line) == method_class(name).supports_chains
+        assert ("method.client_ranks" in line) == method_class(name).supports_client_ranks
+    assert "chain_every" in lines["ffa"] and "chain_every" not in lines["fedsa"]
     assert main(["config", "privacy.epsilon=inf"]) == 0
     assert "epsilon = inf" in capsys.readouterr().out
 

@@ -107,7 +107,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from fedlora.methods import available_methods, method_class
 
         for name in available_methods():
-            print(f"{name:10s} {method_class(name).__doc__.strip().splitlines()[0]}")
+            cls = method_class(name)
+            can = [label for label, flag in (("method.client_ranks", cls.supports_client_ranks),
+                                             ("method.chain_every", cls.supports_chains)) if flag]
+            print(f"{name:10s} {cls.__doc__.strip().splitlines()[0]}"
+                  + (f" [works with {', '.join(can)}]" if can else ""))
         return 0
     if args.command == "predict":
         from fedlora.predict import predict_file

@@ -132,6 +132,8 @@ class MethodConfig:
         "the shared model is built at the largest and every client is scaled by alpha/max rank")
     head: str = _f("shared", f"task head policy: {', '.join(HEADS)} (local = personal, never uploaded; "
                    "evaluation is then each client's own model on its own held-out data)")
+    chain_every: int = _f(0, "chain of LoRA (COLA): every this many rounds the adapter is merged "
+                          "into the frozen weights and a fresh one starts (0 = off)")
 
     @property
     def max_rank(self) -> int:
@@ -380,6 +382,16 @@ def validate(config: Config) -> None:
                f"method.client_ranks has {len(m.client_ranks)} ranks for {f.clients} clients — "
                "give one rank per client (federation.clients)")
         _check(all(r >= 1 for r in m.client_ranks), "method.client_ranks must all be ≥ 1")
+    _check(m.chain_every >= 0, "method.chain_every must be ≥ 0 (0 = no chain), e.g. 2")
+    if m.chain_every:
+        chainable = [n for n in available_methods() if method_class(n).supports_chains]
+        _check(method_class(m.name).supports_chains,
+               f"method.chain_every: method '{m.name}' cannot be chained — set method.chain_every=0 "
+               f"or choose one of {', '.join(chainable)}")
+        _check(not m.client_ranks, "method.chain_every needs the same rank on every client — "
+               "remove method.client_ranks or set method.chain_every=0")
+        _check(m.head == "shared", "method.chain_every needs a shared head (method.head='shared'): "
+               "a local head is personal, the links are shared")
     personalised = m.head == "local" or method_class(m.name).always_personalised
     _check(not (personalised and c.data.validation_fraction > 0),
            "data.validation_fraction > 0 is not supported with personalised models "

@@ -20,7 +20,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from fedlora.config import MethodConfig, ModelConfig  # noqa: E402
 from fedlora.errors import ModelError  # noqa: E402
-from fedlora.methods import keys  # noqa: E402
+from fedlora.methods import chain, keys  # noqa: E402
 from fedlora.seeding import derive_seed  # noqa: E402
 
 ADAPTER_NAME = "default"
@@ -238,11 +238,11 @@ class AdapterHandle:
         (base weights absent from `state` go back to W0: a state is the whole base change).
         `state` may live on any device: values are copied into the model's own."""
         with torch.no_grad():
-            delta = {}
+            delta = dict(chain.base_change(state))  # a chain's merged links: Σ s·B_i·A_i
             for key, value in state.items():
                 if keys.is_base(key):
-                    delta[key] = value
-                elif not keys.is_statistic(key):
+                    delta[key] = value + delta[key].to(value.device) if key in delta else value
+                elif not keys.is_statistic(key) and not chain.is_link(key):
                     self.params[key].copy_(value)
             for key, buffer in self.statistics.items():  # absent from `state`: 0, not set
                 buffer.copy_(state[key] if key in state else torch.zeros_like(buffer))
@@ -250,7 +250,7 @@ class AdapterHandle:
                 self._snapshot(key)
             for key, w0 in self._w0.items():
                 p = self.base[key]
-                p.copy_(w0 + delta[key].to(w0.device) if key in delta else w0)
+                p.copy_(w0 + delta[key].to(w0.device, w0.dtype) if key in delta else w0)
 
     def set_trainable(self, trainable: callable) -> list[str]:
         """requires_grad per `trainable(key)`; returns the trainable keys."""

@@ -23,8 +23,8 @@ from fedlora.federation.centering import centering_enabled, fold_center
 from fedlora.federation.client import Client
 from fedlora.federation.server import Evaluate, FederationState, RoundPlan, Transport, run_rounds
 from fedlora.federation.validate import UpdateValidator, template_state
-from fedlora.methods import keys
-from fedlora.methods.base import Method, State
+from fedlora.methods import chain, keys
+from fedlora.methods.base import GlobalState, Method, State
 from fedlora.model import AdapterHandle, count_parameters, save_base_delta
 from fedlora.outputs import RunFolder
 from fedlora.privacy.ledger import PrivacyLedger, adopt_ledger
@@ -152,7 +152,7 @@ def export_adapter(server: ServerSide, state: FederationState, path: Path,
 
     The feature centre μ (`fedlora.federation.centering`) is folded into the head's bias, so the
     adapter loads on a fresh base model. Methods that change base weights (FedEx-LoRA, FLoRA,
-    full) also write
+    full) and chains (their merged links, `method.chain_every`) also write
     `base_delta.safetensors` next to `adapter/`: Δ keyed by the plain model's parameter names,
     to add to the base before loading the adapter (`fedlora.model.apply_base_delta`).
     The task may add files of its own: a causal LM writes `merged/`, the base model with the
@@ -167,14 +167,25 @@ def export_adapter(server: ServerSide, state: FederationState, path: Path,
     handle.model.save_pretrained(str(path))
     if server.task is not None:
         server.task.export(handle.model, server.tokenizer, path.parent)
-    if glob.base_delta:
-        save_base_delta(glob.base_delta, path.parent / "base_delta.safetensors")
+    change = base_change(glob)
+    if change:
+        save_base_delta(change, path.parent / "base_delta.safetensors")
     if method.personalised:
         for client in clients:
             handle.install(fold_center(method.client_state(
                 server.initial, client.personal, method.download(glob, client.cid), client.cid)))
             handle.model.save_pretrained(str(path.parent / "clients" / str(client.cid) / "adapter"))
     handle.install({**server.initial, **glob.tensors()})
+
+
+def base_change(glob: GlobalState) -> State:
+    """Every change to the pre-trained weights: the method's base deltas plus a chain's merged
+    links (Σ s·B_i·A_i), in the weights' own dtype."""
+    change = {k: v.clone() for k, v in glob.base_delta.items()}
+    for key, delta in chain.base_change(glob.links).items():
+        dtype = change[key].dtype if key in change else glob.links[next(iter(glob.links))].dtype
+        change[key] = (change[key].double() + delta if key in change else delta).to(dtype)
+    return change
 
 
 def build_summary(server: ServerSide, state: FederationState, facts: list[dict],

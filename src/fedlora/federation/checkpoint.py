@@ -2,7 +2,8 @@
 
 A checkpoint after round r holds everything the rest of the run depends on:
 
-* the global state — adapter tensors and base-weight changes (`adapter/<key>`, `base/<key>`);
+* the global state — adapter tensors, base-weight changes, statistics and a chain's merged
+  links (`adapter/<key>`, `base/<key>`, `statistics/<key>`, `links/<key>`);
 * each client's state — its personal tensors (`client/<k>/<key>`), its step count and its
   accountant's history (a client in a deployment keeps these itself; the server part stands
   alone: `clients` may be empty);
@@ -67,6 +68,7 @@ def save_checkpoint(path: str | Path, config: Config, state: FederationState, cl
     tensors = {f"adapter/{k}": v for k, v in state.glob.adapter.items()}
     tensors.update({f"base/{k}": v for k, v in state.glob.base_delta.items()})
     tensors.update({f"statistics/{k}": v for k, v in state.glob.statistics.items()})
+    tensors.update({f"links/{k}": v for k, v in state.glob.links.items()})
     for c in clients:
         tensors.update({f"client/{c.cid}/{k}": v for k, v in c.personal.items()})
     tensors["rng/torch"] = torch.get_rng_state()
@@ -118,7 +120,7 @@ def restore(ckpt: Checkpoint, clients=()) -> FederationState:
     """The loop state of `ckpt`; also restores the clients' state and the torch RNG."""
     t, m = ckpt.tensors, ckpt.meta
     glob = GlobalState(adapter=_under(t, "adapter/"), base_delta=_under(t, "base/"),
-                       statistics=_under(t, "statistics/"))
+                       statistics=_under(t, "statistics/"), links=_under(t, "links/"))
     state = FederationState(
         glob=glob,
         epsilon={int(k): float(v) for k, v in m["epsilon"].items()},

@@ -3,7 +3,8 @@
     once, first:     DP feature-centring query, if the plan asks for it (`centering`): its own
                      message (`Transport.ask_center`), not a round
     for each round:  pick clients → download(global) → [transport: clients train] →
-                     validate replies → aggregate(accepted) → evaluate → one metrics record
+                     validate replies → aggregate(accepted) → end_round (a chain's merge)
+                     → evaluate → one metrics record
                      → checkpoint (every `checkpoint_every` rounds and after the last)
 
 `evaluate(glob, full=...)` is asked for the whole held-out set after the last round only;
@@ -140,7 +141,7 @@ def run_rounds(method: Method, state: FederationState, transport: Transport, pla
                                  "— federation.on_bad_update='stop' ends the run; set it to 'skip' "
                                  "to go on without that client's update")
         updates = [Update(rep.client, rep.upload, rep.num_examples) for rep in accepted]
-        state.glob = method.aggregate(state.glob, updates, r)
+        state.glob = method.end_round(method.aggregate(state.glob, updates, r), r)
         lap("aggregate")
         for rep in exchange.replies:
             if rep.client in downloads and _is_epsilon(rep.epsilon):  # ε never goes down

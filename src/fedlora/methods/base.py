@@ -14,7 +14,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from fedlora.config import MethodConfig
-from fedlora.methods import keys, lowrank
+from fedlora.methods import chain, keys, lowrank
 from fedlora.methods.aggregate import weighted_mean
 
 State = dict[str, Tensor]
@@ -35,7 +35,9 @@ class GlobalState:
     statistics of the clients' data the model reads.
 
     `base_delta` is keyed by base-weight name and added to the pre-trained weights: methods such
-    as FedEx-LoRA and FLoRA fold parts of the aggregate into the base model. `statistics`
+    as FedEx-LoRA and FLoRA fold parts of the aggregate into the base model. `links` are the
+    merged links of a chain (`method.chain_every`, `fedlora.methods.chain`), as factors whose
+    products are added to the pre-trained weights too. `statistics`
     (`keys.is_statistic`) are computed under DP before round 1 — the feature centre μ of
     `fedlora.federation.centering` — and installed with the model; no method trains or
     aggregates them, and every method's new state keeps them (`dataclasses.replace`).
@@ -44,6 +46,7 @@ class GlobalState:
     adapter: State
     base_delta: State = field(default_factory=dict)
     statistics: State = field(default_factory=dict)
+    links: State = field(default_factory=dict)
 
     def with_adapter(self, adapter: State) -> "GlobalState":
         return replace(self, adapter=adapter)
@@ -57,8 +60,9 @@ class GlobalState:
                        base_delta={**self.base_delta, **base})
 
     def tensors(self) -> State:
-        """Adapter, base changes and statistics in one state: what installs the global model."""
-        return {**self.adapter, **self.base_delta, **self.statistics}
+        """Adapter, merged links, base changes and statistics in one state: what installs the
+        global model."""
+        return {**self.adapter, **self.links, **self.base_delta, **self.statistics}
 
 
 class Method:
@@ -74,6 +78,9 @@ class Method:
     supports_client_ranks: ClassVar[bool] = False
     #: is the model personalised whatever the head policy (some tensors never leave a client)?
     always_personalised: ClassVar[bool] = False
+    #: can it be chained (`method.chain_every`)? Where the global state is one LoRA (A, B)
+    #: per layer and a head, with no base changes or personal factors of its own.
+    supports_chains: ClassVar[bool] = False
     #: the paper, for the README's table and `fedlora methods`
     paper: ClassVar[str] = ""
 
@@ -116,27 +123,45 @@ class Method:
         """s in ΔW = s·B·A (PEFT's α/r of the shared model)."""
         return self.config.alpha / self.max_rank
 
+    @property
+    def chained(self) -> bool:
+        return self.config.chain_every > 0
+
     def client_state(self, initial: State, personal: State, download: State, client: int) -> State:
         """Everything a client installs: its download over its personal tensors over the
-        initial adapter, padded to the model's rank and zero beyond the client's rank."""
-        state = lowrank.pad_to_rank({**initial, **personal, **download}, self.max_rank)
+        initial adapter (and, in a chain, the A's it draws itself), padded to the model's rank
+        and zero beyond the client's rank."""
+        state = chain.complete(initial, {**initial, **personal, **download}, self.communicated)
+        state = lowrank.pad_to_rank(state, self.max_rank)
         rank = self.client_rank(client)
         return state if rank == self.max_rank else lowrank.zero_beyond_rank(state, rank)
 
     # -- the four operations -----------------------------------------------------------
     def init_global(self, initial: State) -> GlobalState:
         """The server's starting state, from the adapter every client starts from."""
-        shared = {k: v.clone() for k, v in initial.items() if self._shared(k)}
-        return GlobalState(adapter=shared)
+        # a chain's server holds every LoRA factor (it merges them), even those never sent
+        kept = lambda k: self._shared(k) or (self.chained and (keys.is_lora_a(k) or keys.is_lora_b(k)))  # noqa: E731
+        return GlobalState(adapter={k: v.clone() for k, v in initial.items() if kept(k)})
 
     def download(self, glob: GlobalState, client: int) -> State:
         """What the server sends `client` at the start of a round: the global adapter (cut to
-        the client's rank) and any base-weight changes."""
-        return lowrank.slice_to_rank(glob.tensors(), self.client_rank(client))
+        the client's rank), any merged links and base-weight changes — never a tensor that is
+        not communicated (the client computes those)."""
+        state = lowrank.slice_to_rank(glob.tensors(), self.client_rank(client))
+        return {k: v for k, v in state.items() if self.communicated(k)}
+
+    def end_round(self, glob: GlobalState, round: int) -> GlobalState:
+        """After round `round`'s aggregation: in a chain, every `chain_every` rounds, merge the
+        link into `glob.links` and start the next (`fedlora.methods.chain.close_link`)."""
+        if not self.chained or (round + 1) % self.config.chain_every:
+            return glob
+        adapter, links = chain.close_link(glob.adapter, glob.links, self.scaling)
+        return replace(glob, adapter=adapter, links=links)
 
     def upload(self, local: State, round: int) -> State:
         """What a client sends after local training: the shared tensors it trained."""
-        return {k: v for k, v in local.items() if self.trainable(k, round) and self._shared(k)}
+        return {k: v for k, v in local.items()
+                if self.trainable(k, round) and self._shared(k) and not chain.is_link(k)}
 
     def aggregate(self, glob: GlobalState, updates: list[Update], round: int) -> GlobalState:
         """FedAvg: each uploaded tensor becomes the example-weighted mean over clients.

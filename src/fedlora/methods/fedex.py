@@ -22,6 +22,7 @@ class FedExLoRA(FedIT):
 
     name = "fedex"
     paper = "Singhal et al., ACL 2025, arXiv 2410.09432"
+    supports_chains = False  # it folds residuals into the base weights itself
 
     def aggregate(self, glob: GlobalState, updates: list[Update], round: int) -> GlobalState:
         if not updates:

@@ -18,6 +18,7 @@ class FedSALoRA(FedIT):
 
     name = "fedsa"
     paper = "Guo et al., ICLR 2025, arXiv 2410.01463"
+    supports_chains = False  # each client keeps its own B: no one link to merge
     always_personalised = True
 
     def personal(self, key: str) -> bool:

@@ -30,6 +30,7 @@ class FedSVD(FFALoRA):
 
     name = "fedsvd"
     paper = "Lee et al., NeurIPS 2025, arXiv 2505.12805"
+    supports_chains = False  # its server re-orients A itself (compared with chains, not combined)
     # A rank-r_k client would train in the first r_k rows of A; they change every round, and
     # the clients' zero-padded B columns beyond r_k would shrink the global B: not supported.
     supports_client_ranks = False

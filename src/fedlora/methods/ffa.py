@@ -16,6 +16,7 @@ class FFALoRA(Method):
 
     name = "ffa"
     paper = "Sun et al., ICLR 2024, arXiv 2403.12313"
+    supports_chains = True  # every link's A is drawn from A_0 by each client: exact, nothing sent
     # A rank-r_k client uses the first r_k rows of the shared A (and r_k columns of B): with A
     # the same everywhere, the zero-padded average Σ p_k·B_k·A[:r_k] stays exact.
     supports_client_ranks = True

@@ -22,6 +22,7 @@ class FLoRA(FedIT):
 
     name = "flora"
     paper = "Wang et al., NeurIPS 2024, arXiv 2409.05976"
+    supports_chains = False  # it is a chain of one-round links already
     supports_client_ranks = True
 
     def download(self, glob: GlobalState, client: int) -> State:

@@ -27,6 +27,7 @@ class HetLoRA(FedIT):
 
     name = "hetlora"
     paper = "Cho et al., EMNLP 2024, arXiv 2401.06432"
+    supports_chains = False  # its clients hold different ranks
     supports_client_ranks = True
 
     def aggregate(self, glob: GlobalState, updates: list[Update], round: int) -> GlobalState:

@@ -14,6 +14,7 @@ class FedIT(Method):
 
     name = "lora"
     paper = "Zhang et al., ICASSP 2024 (FedIT), arXiv 2305.05644"
+    supports_chains = True
 
     def trainable(self, key: str, round: int) -> bool:
         return not keys.is_base(key)

@@ -19,6 +19,7 @@ class RoLoRA(Method):
 
     name = "rolora"
     paper = "Chen et al., 2024, arXiv 2409.02346"
+    supports_chains = True
 
     def trainable(self, key: str, round: int) -> bool:
         if keys.is_base(key):
