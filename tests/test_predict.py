@@ -137,3 +137,34 @@ def test_bad_input_gets_one_message_and_writes_nothing(runs, tmp_path, capsys):
     _fails(["predict", run, "--input", str(good), "--out", str(out)], capsys, "exists")
     assert out.read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.csv", "in.csv", "out.csv", "unfinished"]
+
+
+def _front_matter(card: str) -> dict:
+    import yaml
+
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_the_adapter_carries_a_model_card_with_its_privacy_facts(runs):
+    for name, run in runs.items():
+        summary = json.loads((run / "summary.json").read_text())
+        config = load_config(run / "config.toml")
+        card = (run / "adapter" / "README.md").read_text()
+        meta = _front_matter(card)
+        assert meta["library_name"] == "peft"
+        assert meta["base_model"] == config.model.path
+        assert meta["pipeline_tag"] == "text-classification"
+        assert f"method-{config.method.name}" in meta["tags"]
+        private = not math.isinf(config.privacy.epsilon)
+        assert ("differential-privacy" in meta["tags"]) == private
+        if private:  # ε of every site as spent, δ, accountant, noise source, relation, sizes
+            assert ", ".join(f"{e:.3f}" for e in summary["epsilon_per_client"]) in card
+            assert f"δ = {config.privacy.delta:g}" in card and f"`{config.privacy.accountant}`" in card
+            assert "secret key" in card and "add or remove one training example" in card
+            assert ", ".join(str(n) for n in summary["client_sizes"]) in card
+        else:
+            assert "No differential privacy" in card
+        assert f"{summary['test_accuracy']:.4f}" in card
+        assert "fedlora run --config RUN/config.toml" in card
+        assert ("--client K" in card) == (name == "fedsa")

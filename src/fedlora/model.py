@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,13 +41,25 @@ def _shipped_models() -> dict[str, callable]:
     return {"all-MiniLM-L6-v2": minilm, "SmolLM2-135M-Instruct": smollm2}
 
 
+#: the shipped models' names on the Hugging Face Hub (for model cards)
+SHIPPED_HUB_IDS = {"all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+                   "SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+# what a model needs (weights, configs, tokenizer, sentence-transformers' pooling): never the
+# other frameworks' copies of the weights
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+
+
 def resolve_model_path(path: str) -> str:
-    """A shipped model's name → its folder (or GGUF file); otherwise `path` must be a model
-    folder or a `.gguf` file."""
+    """A shipped model's name → its folder (or GGUF file); a Hugging Face Hub id → its folder
+    in the Hugging Face cache (fetched first when online, as transformers does; only read
+    with `HF_HUB_OFFLINE=1`); otherwise `path` must be a model folder or a `.gguf` file."""
     shipped = _shipped_models()
     if path in shipped and not Path(path).exists():
         return shipped[path]()
     folder = Path(path)
+    if not folder.exists() and _HUB_ID.fullmatch(path):
+        folder = Path(_from_hub(path, shipped))
     if not folder.exists():
         raise ModelError(
             f"model.path: '{path}' not found — give a Hugging Face model folder "
@@ -60,6 +73,47 @@ def resolve_model_path(path: str) -> str:
             "by transformers' save_pretrained"
         )
     return str(folder)
+
+
+def base_model_name(path: str) -> str:
+    """How a model card names the base model: a shipped model's Hub id, else `model.path` as
+    the run was given it (a Hub id, or a local folder)."""
+    return SHIPPED_HUB_IDS.get(path, path)
+
+
+def hub_cache() -> Path:
+    """The Hugging Face cache folder, as huggingface_hub finds it (read now, not at import):
+    HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _from_hub(repo_id: str, shipped: dict) -> str:
+    """`repo_id`'s snapshot folder in the cache; a `ModelError` saying how to get it if absent."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    cache = hub_cache()
+    try:
+        return snapshot_download(repo_id, cache_dir=cache, local_files_only=_offline(),
+                                 allow_patterns=_HUB_FILES)
+    except LocalEntryNotFoundError:
+        raise ModelError(
+            f"model.path: '{repo_id}' is not a folder, a shipped model ({', '.join(shipped)}), or "
+            f"a model in the Hugging Face cache ({cache}; HF_HUB_OFFLINE=1 forbids fetching it) — "
+            f"on a machine with internet run: hf download {repo_id}, then copy its cache folder "
+            "here (or point HF_HUB_CACHE at it)") from None
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise ModelError(
+            f"model.path: '{repo_id}' is not a folder, and fetching it from the Hugging Face Hub "
+            f"failed ({_first_line(err)}) — check the id (e.g. FacebookAI/roberta-large), your "
+            "access to it, or give a local model folder") from None
 
 
 def _quiet_transformers() -> None:

@@ -25,7 +25,8 @@ from fedlora.federation.server import Evaluate, FederationState, RoundPlan, Tran
 from fedlora.federation.validate import UpdateValidator, template_state
 from fedlora.methods import chain, keys
 from fedlora.methods.base import GlobalState, Method, State
-from fedlora.model import AdapterHandle, count_parameters, save_base_delta
+from fedlora.model import AdapterHandle, base_model_name, count_parameters, save_base_delta
+from fedlora.modelcard import write_card
 from fedlora.outputs import RunFolder
 from fedlora.privacy.ledger import PrivacyLedger, adopt_ledger
 from fedlora.privacy.randomness import load_or_create_key
@@ -110,6 +111,8 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
                             state.seconds_before + time.perf_counter() - start)
     if initial is not None:
         summary["initial"] = initial
+    for name in ("adapter", "merged"):  # PEFT's empty template gives way to what is known
+        write_card(folder.path(name), config, summary, base_model_name(config.model.path))
     folder.write_json("summary.json", summary)
     folder.path(ckpt.FILENAME).unlink(missing_ok=True)  # the results supersede it
     return summary
