@@ -1,4 +1,5 @@
-"""`fedlora predict`: a finished run's classifier on new texts, checked against the run's own scores.
+"""Using a trained model: `fedlora predict`, `fedlora evaluate` and the model card, checked against
+the run's own scores.
 
 The reference is the run itself: its evaluator scored the held-out set inside the training
 process (the live PEFT model with the global state installed); `predict` rebuilds the model
@@ -168,3 +169,62 @@ def test_the_adapter_carries_a_model_card_with_its_privacy_facts(runs):
         assert f"{summary['test_accuracy']:.4f}" in card
         assert "fedlora run --config RUN/config.toml" in card
         assert ("--client K" in card) == (name == "fedsa")
+
+
+# ------------------------------------------------------------------------------ evaluate
+
+
+def test_metrics_against_hand_computed_values():
+    import numpy as np
+
+    from fedlora.evaluate import calibration, confusion, expected_calibration_error, per_class
+
+    truth = np.array([0, 0, 0, 1, 1, 2])
+    predicted = np.array([0, 1, 0, 1, 0, 1])
+    m = confusion(truth, predicted, 3)
+    assert m.tolist() == [[2, 1, 0], [1, 1, 0], [0, 1, 0]]
+    c = per_class(m)
+    assert c["precision"].tolist() == pytest.approx([2 / 3, 1 / 3, 0.0])
+    assert c["recall"].tolist() == pytest.approx([2 / 3, 1 / 2, 0.0])
+    assert c["f1"].tolist() == pytest.approx([2 / 3, 2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2), 0.0])
+    assert c["support"].tolist() == [3, 2, 1]
+    # two texts at confidence 0.95 (one right), two at 0.55 (both right)
+    p = np.array([[0.95, 0.05], [0.95, 0.05], [0.55, 0.45], [0.45, 0.55]])
+    bins = calibration(p, np.array([0, 1, 0, 1]))
+    assert [b["count"] for b in bins] == [0, 0, 0, 0, 0, 2, 0, 0, 0, 2]
+    assert expected_calibration_error(bins) == pytest.approx(0.5 * abs(1 - 0.55) + 0.5 * abs(0.5 - 0.95))
+
+
+def test_evaluate_reproduces_the_run_and_writes_its_folder_whole(runs, tmp_path, capsys):
+    run = runs["shared"]
+    (texts, labels), _ = _held_out(run)
+    data = tmp_path / "labelled.csv"
+    with data.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["review", "sentiment"])
+        w.writerows(zip(texts, labels))
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run), "--data", str(data), "--text-column", "review",
+                 "--label-column", "sentiment", "--out", str(out)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    assert metrics["texts"] == len(texts)
+    matrix = list(csv.reader((out / "confusion.csv").open()))
+    assert sum(int(x) for row in matrix[1:] for x in row[1:]) == len(texts)
+    for png in ("confusion.png", "reliability.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["metrics.json", "per_class.csv", "confusion.csv", "confusion.png", "calibration.csv",
+         "reliability.png", "predictions.csv"])
+    assert "accuracy" in capsys.readouterr().out
+    # labels the run never saw: one message naming them, no folder
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\ngood film,pos\nawful,meh\n")
+    _fails(["evaluate", str(run), "--data", str(bad), "--out", str(tmp_path / "e2")], capsys,
+           "'meh'", "'neg', 'pos'")
+    _fails(["evaluate", str(run), "--data", str(bad), "--label-column", "stars", "--out",
+            str(tmp_path / "e2")], capsys, "--label-column", "'stars'")
+    _fails(["evaluate", str(run), "--data", str(data), "--text-column", "review",
+            "--label-column", "sentiment", "--out", str(out)], capsys, "exists")
+    assert not (tmp_path / "e2").exists() and not (tmp_path / "e2.partial").exists()

@@ -33,6 +33,19 @@ def _parser() -> argparse.ArgumentParser:
                       help="a personalised run's site K's own model (fedsa, method.head=local)")
     pred.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     pred.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
+    ev = sub.add_parser("evaluate", help="score a finished run's model on a labelled file: accuracy, "
+                        "per-class P/R/F1, confusion matrix, calibration (CSV, JSON, PNG)")
+    ev.add_argument("run", metavar="RUN", help="the run folder `fedlora run` wrote")
+    ev.add_argument("--data", required=True, metavar="FILE",
+                    help="CSV, TSV or JSONL file (optionally .gz/.bz2) with texts and labels")
+    ev.add_argument("--text-column", default="text", help="the column holding the texts (default: text)")
+    ev.add_argument("--label-column", default="label", help="the column holding the labels (default: label)")
+    ev.add_argument("--out", metavar="DIR",
+                    help="folder to create (default: RUN/evaluation-<file name>; never overwritten)")
+    ev.add_argument("--client", type=int, metavar="K",
+                    help="a personalised run's site K's own model (fedsa, method.head=local)")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    ev.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
     data = sub.add_parser("data", help="write generated prompt/answer pairs (reasoning-gym) to JSONL")
     data.add_argument("generator", choices=["gsm", "arithmetic"],
                       help="gsm: GSM-Symbolic word problems; arithmetic: 2–3 terms of 1–2 digits, + and −")
@@ -119,6 +132,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         n = predict_file(args.run, args.input, args.out, args.text_column, args.client,
                          args.device, args.batch_size, progress=sys.stderr.isatty())
         print(f"wrote {n:,} predictions to {args.out}")
+        return 0
+    if args.command == "evaluate":
+        from fedlora.evaluate import evaluate_file
+
+        m = evaluate_file(args.run, args.data, args.out, args.text_column, args.label_column,
+                          args.client, args.device, args.batch_size, progress=sys.stderr.isatty())
+        print(f"{m['texts']:,} texts: accuracy {m['accuracy']:.4f}, macro F1 {m['macro_f1']:.4f}, "
+              f"ECE {m['expected_calibration_error']:.4f} — written to {m['folder']}")
         return 0
     if args.command == "data":
         from fedlora.data.generators import generate, write_jsonl

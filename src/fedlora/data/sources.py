@@ -187,7 +187,22 @@ def load_texts(path: str | os.PathLike[str], text_column: str = _DEFAULT_TEXT_CO
     name = os.fspath(path)
     raw, fmt, compression = _read_file(name, path_option, "")
     columns, records = _rows(raw, fmt, compression, name, {column_option: text_column}, path_option)
-    return _texts(records, text_column, name)
+    return _texts(records, text_column, name, column_option)
+
+
+def load_labelled(path: str | os.PathLike[str], text_column: str, label_column: str, *,
+                  options: tuple[str, str, str] = ("--data", "--text-column", "--label-column"),
+                  ) -> tuple[list[str], list[str]]:
+    """Texts and their labels (stripped strings, as `load_dataset` reads them), from a file
+    that may hold any number of classes: what `fedlora evaluate` scores a run on. Errors name
+    `options`: the file's, the text column's and the label column's."""
+    name = os.fspath(path)
+    path_option, text_option, label_option = options
+    raw, fmt, compression = _read_file(name, path_option, "")
+    _, records = _rows(raw, fmt, compression, name,
+                       {text_option: text_column, label_option: label_column}, path_option)
+    return (_texts(records, text_column, name, text_option),
+            _label_keys(records, label_column, name, label_option))
 
 
 def _read_file(name: str, option: str, alternative: str) -> tuple[bytes, str, str | None]:
@@ -447,7 +462,8 @@ def _where(row: int, line: int) -> str:
     return f"row {row} (line {line})"
 
 
-def _texts(records: list[_Record], column: str, name: str) -> list[str]:
+def _texts(records: list[_Record], column: str, name: str,
+           option: str = "data.text_column") -> list[str]:
     texts: list[str] = []
     blank = 0
     first_blank: tuple[int, int] | None = None
@@ -460,14 +476,14 @@ def _texts(records: list[_Record], column: str, name: str) -> list[str]:
             continue
         if not isinstance(value, str):
             raise DataError(
-                f"data.text_column: {_where(row, line)} of '{name}' has a JSON "
+                f"{option}: {_where(row, line)} of '{name}' has a JSON "
                 f"{_json_type(value)} in column '{column}', not a string — quote the text"
             )
         texts.append(value)
     if blank:
         assert first_blank is not None
         raise DataError(
-            f"data.text_column: {blank} row(s) of '{name}' have a blank or missing "
+            f"{option}: {blank} row(s) of '{name}' have a blank or missing "
             f"'{column}', the first at {_where(*first_blank)} — fill in or remove those rows"
         )
     return texts
@@ -490,7 +506,9 @@ def _label_key(value: Any) -> str | None:
     raise TypeError(_json_type(value))
 
 
-def _labels(records: list[_Record], column: str, name: str) -> tuple[list[int], list[str]]:
+def _label_keys(records: list[_Record], column: str, name: str,
+                option: str = "data.label_column") -> list[str]:
+    """Every row's label as a stripped string; blank, missing or invalid labels are errors."""
     keys: list[str] = []
     missing = 0
     first_missing: tuple[int, int] | None = None
@@ -499,7 +517,7 @@ def _labels(records: list[_Record], column: str, name: str) -> tuple[list[int], 
             key = _label_key(rec.get(column))
         except TypeError as e:
             raise DataError(
-                f"data.label_column: {_where(row, line)} of '{name}' has a {e} label in column "
+                f"{option}: {_where(row, line)} of '{name}' has a {e} label in column "
                 f"'{column}' — labels must be strings or integers"
             ) from None
         if key is None:
@@ -511,10 +529,15 @@ def _labels(records: list[_Record], column: str, name: str) -> tuple[list[int], 
     if missing:
         assert first_missing is not None
         raise DataError(
-            f"data.label_column: {missing} row(s) of '{name}' have a blank or missing label in "
+            f"{option}: {missing} row(s) of '{name}' have a blank or missing label in "
             f"column '{column}', the first at {_where(*first_missing)} — label those rows or "
             f"remove them"
         )
+    return keys
+
+
+def _labels(records: list[_Record], column: str, name: str) -> tuple[list[int], list[str]]:
+    keys = _label_keys(records, column, name)
     unique = set(keys)
     if all(_INT_RE.fullmatch(k) for k in unique):
         by_value: dict[int, list[str]] = {}
