@@ -178,9 +178,12 @@ def _run_config(config, tmp_path) -> dict:
     return tomllib.loads((folder / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
-def test_flower_transport_matches_the_simulation(tiny_overrides, tmp_path):
-    """Node ids are arbitrary; partition ids decide which client a node is."""
-    config = load_config(None, tiny_overrides)
+@pytest.mark.parametrize("extra", [[], ["method.name=fedsvd"], ["method.chain_every=1"]],
+                         ids=["ffa", "fedsvd", "ffa-chained"])
+def test_flower_transport_matches_the_simulation(tiny_overrides, tmp_path, extra):
+    """Node ids are arbitrary; partition ids decide which client a node is. FedSVD's A and a
+    chain's links travel in the downloads like any tensor."""
+    config = load_config(None, tiny_overrides + extra)
     grid = MemoryGrid({9001: {"partition-id": 2, "num-partitions": 3},
                        17: {"partition-id": 0, "num-partitions": 3},
                        555: {"partition-id": 1, "num-partitions": 3}}, _run_config(config, tmp_path),
