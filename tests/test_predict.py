@@ -228,3 +228,47 @@ def test_evaluate_reproduces_the_run_and_writes_its_folder_whole(runs, tmp_path,
     _fails(["evaluate", str(run), "--data", str(data), "--text-column", "review",
             "--label-column", "sentiment", "--out", str(out)], capsys, "exists")
     assert not (tmp_path / "e2").exists() and not (tmp_path / "e2.partial").exists()
+
+
+# ------------------------------------------------------------------------------ merge
+
+
+@pytest.fixture(scope="module")
+def cls_run(tiny_model_dir, toy_csv, tmp_path_factory):
+    """The model's own CLS head, chained FFA-LoRA: its merged links are a base-weight change."""
+    out = tmp_path_factory.mktemp("cls") / "run"
+    fedlora.run(None, out, progress=None, overrides=[
+        f"model.path={tiny_model_dir}", "model.max_length=16", f"data.path={toy_csv}",
+        "data.text_column=review", "data.label_column=sentiment", "federation.rounds=2",
+        "federation.local_steps=2", "train.batch_size=16", "threads=1", "method.chain_every=1",
+        "privacy.epsilon=inf"])
+    return out
+
+
+@pytest.mark.parametrize("which", ["shared", "cls"])
+def test_the_merged_folder_gives_the_adapters_logits(runs, cls_run, which, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from fedlora.merge import load_merged
+    from fedlora.predict import load_trained
+
+    run = runs["shared"] if which == "shared" else cls_run
+    out = tmp_path / "merged"
+    assert main(["merge", str(run), "--out", str(out)]) == 0
+    assert "load it with" in capsys.readouterr().out
+    clf = load_trained(run, device="cpu")
+    batch = clf.tokenizer(["a fine and moving film", "dull and lifeless"], padding=True,
+                          return_tensors="pt")
+    merged = load_merged(out)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        want = clf.model(**batch).logits
+        got = merged(**batch).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    if which == "cls":  # plain transformers, class names included
+        plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
+        with torch.no_grad():
+            assert torch.allclose(plain(**batch).logits, want, atol=1e-5)
+        assert plain.config.id2label == {0: "neg", 1: "pos"}
+    _fails(["merge", str(run), "--out", str(out)], capsys, "exists")

@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="a personalised run's site K's own model (fedsa, method.head=local)")
     pred.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     pred.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
+    mg = sub.add_parser("merge", help="write a run's classifier as one plain model folder (LoRA folded in)")
+    mg.add_argument("run", metavar="RUN", help="the run folder `fedlora run` wrote")
+    mg.add_argument("--out", required=True, metavar="DIR", help="folder to create (never overwritten)")
+    mg.add_argument("--client", type=int, metavar="K",
+                    help="a personalised run's site K's own model (fedsa, method.head=local)")
     ev = sub.add_parser("evaluate", help="score a finished run's model on a labelled file: accuracy, "
                         "per-class P/R/F1, confusion matrix, calibration (CSV, JSON, PNG)")
     ev.add_argument("run", metavar="RUN", help="the run folder `fedlora run` wrote")
@@ -132,6 +137,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         n = predict_file(args.run, args.input, args.out, args.text_column, args.client,
                          args.device, args.batch_size, progress=sys.stderr.isatty())
         print(f"wrote {n:,} predictions to {args.out}")
+        return 0
+    if args.command == "merge":
+        from fedlora.merge import HEAD_META, merge_run
+
+        out = merge_run(args.run, args.out, args.client)
+        how = ("fedlora.merge.load_merged(DIR)" if (out / HEAD_META).exists()
+               else "AutoModelForSequenceClassification.from_pretrained(DIR)")
+        print(f"wrote the merged classifier to {out}; load it with {how}")
         return 0
     if args.command == "evaluate":
         from fedlora.evaluate import evaluate_file

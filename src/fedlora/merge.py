@@ -1,0 +1,120 @@
+"""`fedlora merge RUN --out DIR`: a run's classifier as one plain model folder, adapter folded in.
+
+W = W0 + Δ + (α/r)·B·A for every LoRA layer (Δ: the run's base-weight changes and merged chain
+links), the trained head, and the feature centre already folded into the head's bias
+(b − W·μ): the folder needs neither PEFT nor fedlora's adapter files.
+
+* A classifier with the model's own head (`model.pooling = "cls"`) is written as transformers
+  writes it, with the class names in `config.json` (`id2label`): load it with
+  `AutoModelForSequenceClassification.from_pretrained(DIR)`.
+* A mean-pooling classifier (the shipped sentence-transformers model) is the merged encoder
+  (`AutoModel.from_pretrained(DIR)`; with the original `modules.json` and pooling folders,
+  sentence-transformers loads the same embedding model), plus its head in
+  `classifier.safetensors` and `fedlora_head.json` (pooling and class names):
+  `fedlora.merge.load_merged(DIR)` rebuilds the classifier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedlora.errors import ConfigError
+
+HEAD_FILE, HEAD_META = "classifier.safetensors", "fedlora_head.json"
+
+
+def merged_classifier_state(peft_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The plain classifier's state dict: LoRA folded into the base weights, the trained head
+    (PEFT's `modules_to_save` copy) under its own name."""
+    from fedlora.causal.model import merged_state
+
+    out = {}
+    for key, value in merged_state(peft_model).items():
+        if ".original_module." in key:
+            continue
+        out[key.replace(".modules_to_save.default.", ".")] = value
+    return out
+
+
+def merge_run(run: str | Path, out: str | Path, client: int | None = None) -> Path:
+    """Write `run`'s final classifier (site `client`'s for a personalised run) to `out`,
+    whole or not at all; an existing `out` is never replaced."""
+    from fedlora.model import resolve_model_path
+    from fedlora.pooling import MeanPoolingClassifier
+    from fedlora.predict import load_trained
+
+    target = Path(out)
+    if target.exists():
+        raise ConfigError(f"--out '{target}' exists — choose another folder, or delete it first")
+    if not target.parent.is_dir():
+        raise ConfigError(f"--out '{target}': folder '{target.parent}' does not exist — create it first")
+    clf = load_trained(run, client, device="cpu")
+    base = clf.model.get_base_model()
+    state = merged_classifier_state(clf.model)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    names = dict(enumerate(clf.label_names))
+    if isinstance(base, MeanPoolingClassifier):
+        _write_pooled(base, state, partial, resolve_model_path(clf.config.model.path), names)
+    else:
+        _write_plain(base, state, partial, names)
+    clf.tokenizer.save_pretrained(str(partial))
+    os.replace(partial, target)
+    return target
+
+
+def _write_plain(base, state: dict, folder: Path, names: dict[int, str]) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    config = base.config
+    config.id2label, config.label2id = names, {v: k for k, v in names.items()}
+    plain = AutoModelForSequenceClassification.from_config(config)
+    plain.load_state_dict(state, strict=True)
+    plain.save_pretrained(str(folder))
+
+
+def _write_pooled(base, state: dict, folder: Path, source: str, names: dict[int, str]) -> None:
+    encoder = _plain_encoder(base)
+    encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items()
+                             if k.startswith("encoder.")}, strict=True)
+    encoder.save_pretrained(str(folder))
+    save_file({k.removeprefix("classifier."): v.contiguous() for k, v in state.items()
+               if k.startswith("classifier.")}, str(folder / HEAD_FILE))
+    pooling = "mean_normalized" if base.normalize else "mean"
+    (folder / HEAD_META).write_text(json.dumps(
+        {"pooling": pooling, "label_names": [names[k] for k in sorted(names)]}, indent=2) + "\n")
+    for extra in ("modules.json", "1_Pooling", "2_Normalize", "sentence_bert_config.json"):
+        src = Path(source) / extra
+        if src.is_dir():
+            shutil.copytree(src, folder / extra)
+        elif src.is_file():
+            shutil.copy(src, folder / extra)
+
+
+def _plain_encoder(base) -> torch.nn.Module:
+    """An empty encoder of the same class and config as `base.encoder` (no pooler if it has none)."""
+    encoder = base.encoder
+    return type(encoder)(encoder.config, **({"add_pooling_layer": False}
+                                            if getattr(encoder, "pooler", 1) is None else {}))
+
+
+def load_merged(folder: str | Path) -> torch.nn.Module:
+    """A folder `merge_run` wrote, as a classifier in eval mode (logits as the run's model)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from fedlora.model import load_classifier
+
+    folder = Path(folder)
+    if not (folder / HEAD_META).exists():
+        return AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    meta = json.loads((folder / HEAD_META).read_text())
+    model = load_classifier(str(folder), len(meta["label_names"]), seed=0, pooling=meta["pooling"])
+    model.classifier.load_state_dict(load_file(str(folder / HEAD_FILE)))
+    return model.eval()
