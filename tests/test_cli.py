@@ -115,3 +115,28 @@ def test_summary_warns_when_the_model_learnt_nothing(acc, warned):
     text = summary_table(s)
     assert ("no better than always answering the majority class (0.5780)" in text) == warned
     assert ("smaller train.lr or method.alpha" in text) == warned
+
+
+def test_config_explain_covers_every_key_from_the_configs_own_metadata(capsys):
+    from fedlora.config import Config, config_to_dict, flat_config
+
+    assert main(["config", "--explain"]) == 0
+    out = capsys.readouterr().out
+    explained = [line.split(" (")[0] for line in out.splitlines() if not line.startswith(" ")]
+    assert explained == list(flat_config(Config()))  # every key, in the file's order
+    assert "privacy.epsilon (float, default 3.0)" in out
+    assert main(["config", "--explain", "privacy"]) == 0
+    section = capsys.readouterr().out
+    assert all(line.startswith(("privacy.", " ")) for line in section.splitlines())
+    assert len([x for x in section.splitlines() if not x.startswith(" ")]) == len(
+        config_to_dict(Config())["privacy"])
+    assert main(["config", "--explain", "privacy.epsilonn"]) == 2
+    assert "did you mean 'privacy.epsilon'" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import fedlora
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"fedlora {fedlora.__version__}"

@@ -12,6 +12,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedlora",
         description="Private federated fine-tuning of transformers with LoRA and FFA-LoRA.")
+    from fedlora import __version__
+
+    parser.add_argument("--version", action="version", version=f"fedlora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one experiment (no arguments: the default job)")
     run.add_argument("--config", help="TOML config file (default: built-in defaults)")
@@ -57,8 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--out", required=True, help="the .jsonl file to write")
     data.add_argument("--size", type=int, required=True, help="number of pairs")
     data.add_argument("--seed", type=int, default=0, help="the same seed gives the same pairs")
-    show = sub.add_parser("config", help="print the resolved config as TOML")
+    show = sub.add_parser("config", help="print the resolved config as TOML; --explain: every key's "
+                          "meaning, type and default")
     show.add_argument("--config")
+    show.add_argument("--explain", nargs="?", const="", metavar="KEY",
+                      help="explain every key, a section's (e.g. privacy) or one (privacy.epsilon)")
     show.add_argument("overrides", nargs="*", metavar="section.key=value")
     sweep = sub.add_parser("sweep", help="run every setting of a grid config (keys holding lists), "
                                          "skipping complete runs and resuming interrupted ones")
@@ -183,6 +189,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     from fedlora.config import config_to_toml, load_config
 
     if args.command == "config":
+        if args.explain is not None:
+            from fedlora.config import explain
+
+            for key, typ, default, meaning in explain(args.explain):
+                print(f"{key} ({typ}, default {default})\n    {meaning}")
+            return 0
         print(config_to_toml(load_config(args.config, args.overrides)), end="")
         return 0
     from fedlora.api import run

@@ -481,6 +481,36 @@ def config_differences(a: Config, b: Config) -> list[str]:
             for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
 
 
+def explain(key: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) of every config key, or of the keys of one section or one
+    key (`key` = "privacy" or "privacy.epsilon"): the same metadata validation and
+    `fedlora config` use, so the help cannot drift from the code."""
+    rows = []
+    for f in dataclasses.fields(Config):
+        if f.name in _sections():
+            for g in dataclasses.fields(_sections()[f.name]):
+                rows.append((f"{f.name}.{g.name}", g))
+        else:
+            rows.append((f.name, f))
+    table = [(name, _type_name(fld.type), _toml_value(_default(fld)), fld.metadata.get("help", ""))
+             for name, fld in rows]
+    if not key:
+        return table
+    chosen = [r for r in table if r[0] == key or r[0].startswith(key + ".")]
+    if not chosen:
+        raise ConfigError(f"unknown config key '{key}'{_suggest(key, [r[0] for r in table])} — "
+                          "fedlora config --explain lists every key")
+    return chosen
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _type_name(typ: Any) -> str:
+    return typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+
+
 def config_to_toml(config: Config) -> str:
     """The resolved config as TOML (round-trips through `load_config`)."""
     data = config_to_dict(config)
