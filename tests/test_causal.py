@@ -318,3 +318,49 @@ def test_checkpointed_run_equals_the_plain_run(tmp_path, causal_overrides):
         f"train.gradient_checkpointing={flag}", "federation.rounds=1", "task.export_merged=false"])
         for flag in ("false", "true")]
     assert runs[0]["test_loss"] == pytest.approx(runs[1]["test_loss"], rel=1e-5)
+
+
+def test_predict_on_a_causal_run_generates_what_its_evaluation_scored(causal_run, tmp_path):
+    """`fedlora predict` on a causal run answers prompts as the run's evaluator did: scoring its
+    answers to the held-out prompts with the run's scorer gives the run's exact match."""
+    import csv
+
+    from fedlora.causal.generate import get_scorer
+    from fedlora.cli import main
+    from fedlora.config import load_config
+    from fedlora.experiment import load_data, split_data
+    from fedlora.tasks import get_task
+
+    out, summary = causal_run
+    config = load_config(out / "config.toml")
+    data = load_data(config, get_task(config))
+    test = split_data(data, config).test
+    with (tmp_path / "prompts.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["question"])
+        w.writerows([data.prompts[i]] for i in test)
+    assert main(["predict", str(out), "--input", str(tmp_path / "prompts.csv"), "--text-column",
+                 "question", "--out", str(tmp_path / "answers.csv"), "--batch-size", "5"]) == 0
+    with (tmp_path / "answers.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["row"]) for r in rows] == list(range(1, len(test) + 1))
+    score = get_scorer(config.task.scorer)
+    hits = sum(score(r["answer"], data.answers[i]) for r, i in zip(rows, test))
+    assert hits / len(test) == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    # the same answers from the run's own merged/ export (the live model, folded at export)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedlora.causal.generate import greedy_generate
+    from fedlora.causal.prompts import PromptFormat
+    from fedlora.data.batching import eval_batches
+    from fedlora.experiment import pad_id_of
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(out / "merged")
+    fmt = PromptFormat.of(tok, config.task.chat_template)
+    ids = fmt.prompt_ids([data.prompts[i] for i in test])
+    want = greedy_generate(merged, ids, pad_id_of(tok), fmt.eos_id, config.task.max_new_tokens,
+                           eval_batches([len(t) for t in ids], 64))
+    assert [r["answer"] for r in rows] == [fmt.decode(g) for g in want]
+    assert any(r["answer"].strip() for r in rows)  # it generated something
+    assert main(["evaluate", str(out), "--data", str(tmp_path / "prompts.csv")]) == 2

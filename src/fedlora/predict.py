@@ -51,6 +51,10 @@ def load_trained(run: str | Path, client: int | None = None, device: str = "auto
 
     folder = Path(run)
     summary, config = _read_run(folder)
+    if config.task.kind != "classification":
+        raise ConfigError(f"'{folder}' is a {config.task.kind} run, not a classifier — "
+                          "fedlora predict generates answers with it; fedlora evaluate and merge "
+                          "take classification runs (a causal run's merged/ is its merged model)")
     adapter = _adapter_folder(folder, summary, config, client)
     names = summary.get("label_names")
     if not names:
@@ -75,12 +79,7 @@ def _read_run(folder: Path) -> tuple[dict, Config]:
         summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ConfigError(f"{folder}/summary.json is unreadable ({err}) — give an intact run folder") from None
-    config = load_config(folder / "config.toml")
-    if config.task.kind != "classification":
-        raise ConfigError(f"'{folder}' is a {config.task.kind} run: fedlora predict classifies "
-                          "texts with a classification run; a causal LM's merged/ folder loads with "
-                          "transformers' AutoModelForCausalLM for generation (docs/causal.md)")
-    return summary, config
+    return summary, load_config(folder / "config.toml")
 
 
 def _adapter_folder(folder: Path, summary: dict, config: Config, client: int | None) -> Path:
@@ -121,6 +120,42 @@ def class_probabilities(clf: TrainedClassifier, texts: list[str], batch_size: in
     return out
 
 
+def generate_answers(run: str | Path, prompts: list[str], client: int | None = None,
+                     device: str = "auto", batch_size: int = 64) -> list[str]:
+    """A causal run's greedy answers to `prompts`, formatted as in training (the run's chat
+    template setting), at most `task.max_new_tokens` tokens, cut at end-of-sequence — what its
+    evaluation scored."""
+    from peft import PeftModel
+
+    from fedlora.causal.generate import greedy_generate
+    from fedlora.causal.model import load_causal_lm
+    from fedlora.causal.prompts import PromptFormat
+    from fedlora.model import apply_base_delta, load_tokenizer, resolve_model_path
+
+    folder = Path(run)
+    summary, config = _read_run(folder)
+    adapter = _adapter_folder(folder, summary, config, client)
+    path = resolve_model_path(config.model.path)
+    base = load_causal_lm(path)
+    if (folder / "base_delta.safetensors").exists():
+        apply_base_delta(base, folder / "base_delta.safetensors")
+    model = PeftModel.from_pretrained(base, str(adapter)).eval().to(resolve_device(device))
+    tokenizer = load_tokenizer(path)
+    fmt = PromptFormat.of(tokenizer, config.task.chat_template)
+    ids = fmt.prompt_ids(prompts)
+    generated = greedy_generate(model, ids, pad_id_of(tokenizer), fmt.eos_id,
+                                config.task.max_new_tokens, eval_batches([len(t) for t in ids], batch_size))
+    return [fmt.decode(g) for g in generated]
+
+
+def _csv(header: list, rows: list[list]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue().encode("utf-8")
+
+
 def predictions_csv(probabilities: torch.Tensor, label_names: list[str]) -> bytes:
     """CSV: `row` (1-based, the input's data-row order), `label`, then `p_<class>` per class."""
     buffer = io.StringIO()
@@ -145,6 +180,10 @@ def predict_file(run: str | Path, input: str | Path, out: str | Path, text_colum
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}")
     texts = load_texts(input, text_column)  # bad input fails before the model loads
+    if _read_run(Path(run))[1].task.kind == "causal":
+        answers = generate_answers(run, texts, client, device, batch_size)
+        atomic_write_bytes(target, _csv(["row", "answer"], [[i + 1, a] for i, a in enumerate(answers)]))
+        return len(texts)
     clf = load_trained(run, client, device)
     probabilities = class_probabilities(clf, texts, batch_size, progress)
     if not torch.isfinite(probabilities).all():
