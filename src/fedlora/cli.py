@@ -25,35 +25,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="section.key=value",
                      help="config overrides, e.g. privacy.epsilon=inf method.name=lora")
     sub.add_parser("methods", help="list the federated methods")
-    pred = sub.add_parser("predict", help="classify new texts with a finished run's model (CSV out)")
-    pred.add_argument("run", metavar="RUN", help="the run folder `fedlora run` wrote")
+    pred = _run_command(sub, "predict", "classify new texts with a finished run's model, or "
+                        "answer prompts with a causal one (CSV out)", compute=True)
     pred.add_argument("--input", required=True, metavar="FILE",
                       help="CSV, TSV or JSONL file (optionally .gz/.bz2) with a column of texts")
     pred.add_argument("--text-column", default="text", help="the column holding the texts (default: text)")
     pred.add_argument("--out", required=True, metavar="FILE",
                       help="CSV to write: row, label, p_<class> for each class (never overwritten)")
-    pred.add_argument("--client", type=int, metavar="K",
-                      help="a personalised run's site K's own model (fedsa, method.head=local)")
-    pred.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    pred.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
-    mg = sub.add_parser("merge", help="write a run's classifier as one plain model folder (LoRA folded in)")
-    mg.add_argument("run", metavar="RUN", help="the run folder `fedlora run` wrote")
+    mg = _run_command(sub, "merge", "write a run's classifier as one plain model folder (LoRA folded in)")
     mg.add_argument("--out", required=True, metavar="DIR", help="folder to create (never overwritten)")
-    mg.add_argument("--client", type=int, metavar="K",
-                    help="a personalised run's site K's own model (fedsa, method.head=local)")
-    ev = sub.add_parser("evaluate", help="score a finished run's model on a labelled file: accuracy, "
-                        "per-class P/R/F1, confusion matrix, calibration (CSV, JSON, PNG)")
-    ev.add_argument("run", metavar="RUN", help="the run folder `fedlora run` wrote")
+    ev = _run_command(sub, "evaluate", "score a finished run's model on a labelled file: accuracy, "
+                      "per-class P/R/F1, confusion matrix, calibration (CSV, JSON, PNG)", compute=True)
     ev.add_argument("--data", required=True, metavar="FILE",
                     help="CSV, TSV or JSONL file (optionally .gz/.bz2) with texts and labels")
     ev.add_argument("--text-column", default="text", help="the column holding the texts (default: text)")
     ev.add_argument("--label-column", default="label", help="the column holding the labels (default: label)")
     ev.add_argument("--out", metavar="DIR",
                     help="folder to create (default: RUN/evaluation-<file name>; never overwritten)")
-    ev.add_argument("--client", type=int, metavar="K",
-                    help="a personalised run's site K's own model (fedsa, method.head=local)")
-    ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    ev.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
     data = sub.add_parser("data", help="write generated prompt/answer pairs (reasoning-gym) to JSONL")
     data.add_argument("generator", choices=["gsm", "arithmetic"],
                       help="gsm: GSM-Symbolic word problems; arithmetic: 2–3 terms of 1–2 digits, + and −")
@@ -94,6 +82,19 @@ def _parser() -> argparse.ArgumentParser:
 
     add_flower(sub)
     return parser
+
+
+def _run_command(sub, name: str, help: str, compute: bool = False) -> argparse.ArgumentParser:
+    """A command that uses a finished run: RUN and --client K, and with `compute` --device and
+    --batch-size."""
+    cmd = sub.add_parser(name, help=help)
+    cmd.add_argument("run", metavar="RUN", help="the run folder `fedlora run` wrote")
+    cmd.add_argument("--client", type=int, metavar="K",
+                     help="a personalised run's site K's own model (fedsa, method.head=local)")
+    if compute:
+        cmd.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+        cmd.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: 64)")
+    return cmd
 
 
 def main(argv: list[str] | None = None) -> int:

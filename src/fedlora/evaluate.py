@@ -17,7 +17,6 @@ calibration.csv and reliability.png (accuracy against confidence per bin), predi
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -28,7 +27,7 @@ import numpy as np
 
 from fedlora.data.sources import load_labelled
 from fedlora.errors import ConfigError, DataError
-from fedlora.predict import class_probabilities, load_trained, predictions_csv
+from fedlora.predict import class_probabilities, csv_bytes as _csv, load_trained, predictions_csv
 
 BINS = 10
 
@@ -144,14 +143,6 @@ def _report(probabilities: np.ndarray, truth: np.ndarray, names: list[str], run,
 
 def _num(x: float | None) -> str:
     return "" if x is None else f"{x:.6f}"
-
-
-def _csv(header: list, rows: list[list]) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue().encode("utf-8")
 
 
 def _png(figure) -> bytes:

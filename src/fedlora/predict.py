@@ -148,7 +148,8 @@ def generate_answers(run: str | Path, prompts: list[str], client: int | None = N
     return [fmt.decode(g) for g in generated]
 
 
-def _csv(header: list, rows: list[list]) -> bytes:
+def csv_bytes(header: list, rows: list[list]) -> bytes:
+    """A CSV file's bytes (UTF-8, \\n line ends): `header`, then `rows`."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -158,13 +159,10 @@ def _csv(header: list, rows: list[list]) -> bytes:
 
 def predictions_csv(probabilities: torch.Tensor, label_names: list[str]) -> bytes:
     """CSV: `row` (1-based, the input's data-row order), `label`, then `p_<class>` per class."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["row", "label", *(f"p_{n}" for n in label_names)])
     best = probabilities.argmax(dim=1).tolist()
-    for i, (k, row) in enumerate(zip(best, probabilities.tolist())):
-        writer.writerow([i + 1, label_names[k], *(f"{p:.6f}" for p in row)])
-    return buffer.getvalue().encode("utf-8")
+    return csv_bytes(["row", "label", *(f"p_{n}" for n in label_names)],
+                     [[i + 1, label_names[k], *(f"{p:.6f}" for p in row)]
+                      for i, (k, row) in enumerate(zip(best, probabilities.tolist()))])
 
 
 def predict_file(run: str | Path, input: str | Path, out: str | Path, text_column: str = "text",
@@ -182,7 +180,7 @@ def predict_file(run: str | Path, input: str | Path, out: str | Path, text_colum
     texts = load_texts(input, text_column)  # bad input fails before the model loads
     if _read_run(Path(run))[1].task.kind == "causal":
         answers = generate_answers(run, texts, client, device, batch_size)
-        atomic_write_bytes(target, _csv(["row", "answer"], [[i + 1, a] for i, a in enumerate(answers)]))
+        atomic_write_bytes(target, csv_bytes(["row", "answer"], [[i + 1, a] for i, a in enumerate(answers)]))
         return len(texts)
     clf = load_trained(run, client, device)
     probabilities = class_probabilities(clf, texts, batch_size, progress)
