@@ -124,6 +124,10 @@ def test_bad_input_gets_one_message_and_writes_nothing(runs, tmp_path, capsys):
            "--input", "not found")
     _fails(["predict", run, "--input", str(good), "--text-column", "review", "--out", str(out)],
            capsys, "--text-column", "'review'", "'text'")
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("text\nA moving, beautiful film.\n")
+    _fails(["predict", run, "--input", str(ragged), "--out", str(out)], capsys, "--input: line 2",
+           "double quotes")
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     _fails(["predict", run, "--input", str(empty), "--out", str(out)], capsys, "empty")
@@ -137,7 +141,8 @@ def test_bad_input_gets_one_message_and_writes_nothing(runs, tmp_path, capsys):
     out.write_text("keep me")
     _fails(["predict", run, "--input", str(good), "--out", str(out)], capsys, "exists")
     assert out.read_text() == "keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.csv", "in.csv", "out.csv", "unfinished"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.csv", "in.csv", "out.csv", "ragged.csv",
+                                                           "unfinished"]
 
 
 def _front_matter(card: str) -> dict:

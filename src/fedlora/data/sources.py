@@ -14,6 +14,7 @@ names the problem and how to fix it.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import gzip
 import io
@@ -185,9 +186,10 @@ def load_texts(path: str | os.PathLike[str], text_column: str = _DEFAULT_TEXT_CO
     labels needed): what `fedlora predict` classifies. Errors name `path_option` and
     `column_option`, the options the user set."""
     name = os.fspath(path)
-    raw, fmt, compression = _read_file(name, path_option, "")
-    columns, records = _rows(raw, fmt, compression, name, {column_option: text_column}, path_option)
-    return _texts(records, text_column, name, column_option)
+    with _named(path_option):
+        raw, fmt, compression = _read_file(name, path_option, "")
+        columns, records = _rows(raw, fmt, compression, name, {column_option: text_column}, path_option)
+        return _texts(records, text_column, name, column_option)
 
 
 def load_labelled(path: str | os.PathLike[str], text_column: str, label_column: str, *,
@@ -198,11 +200,24 @@ def load_labelled(path: str | os.PathLike[str], text_column: str, label_column: 
     `options`: the file's, the text column's and the label column's."""
     name = os.fspath(path)
     path_option, text_option, label_option = options
-    raw, fmt, compression = _read_file(name, path_option, "")
-    _, records = _rows(raw, fmt, compression, name,
-                       {text_option: text_column, label_option: label_column}, path_option)
-    return (_texts(records, text_column, name, text_option),
-            _label_keys(records, label_column, name, label_option))
+    with _named(path_option):
+        raw, fmt, compression = _read_file(name, path_option, "")
+        _, records = _rows(raw, fmt, compression, name,
+                           {text_option: text_column, label_option: label_column}, path_option)
+        return (_texts(records, text_column, name, text_option),
+                _label_keys(records, label_column, name, label_option))
+
+
+@contextlib.contextmanager
+def _named(option: str):
+    """The file-format checks name `data.path`; for a command's own file, name its option."""
+    try:
+        yield
+    except DataError as err:
+        text = str(err)
+        if text.startswith("data.path:"):
+            raise DataError(option + text[len("data.path"):]) from None
+        raise
 
 
 def _read_file(name: str, option: str, alternative: str) -> tuple[bytes, str, str | None]:
