@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
 
-from fedlora.config import Config, config_to_toml, load_config
+from fedlora.config import Config, config_to_toml, flat_config, load_config
 from fedlora.errors import ConfigError, DataError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -94,3 +95,28 @@ def test_allowed_values_each_have_exactly_one_implementation():
         assert sorted(i for p in parts for i in p) == list(range(40))
     with pytest.raises(DataError, match="unknown"):
         partition(labels, clients=2, scheme="unlisted", seed=0, groups=groups)
+
+
+def _documented_keys(page: str) -> set[str]:
+    """Keys named in the first column of docs/configuration.md's settings table; a row may name
+    several keys of one section: "`model.center`, `.center_examples`"."""
+    keys: set[str] = set()
+    for line in page.splitlines():
+        if not line.startswith("| `"):
+            continue
+        section = ""
+        for name in re.findall(r"`([^`]+)`", line.split("|")[1]):
+            if name.startswith("."):
+                keys.add(section + name)
+            else:
+                keys.add(name)
+                section = name.rsplit(".", 1)[0] if "." in name else ""
+    return keys
+
+
+def test_every_config_key_is_in_the_documented_settings_table():
+    page = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text(encoding="utf-8")
+    documented = _documented_keys(page)
+    missing = sorted(set(flat_config(Config())) - documented)
+    assert not missing, f"docs/configuration.md's settings table lacks {missing}"
+    assert {"model.center", "model.center_examples", "seed"} <= documented  # the parser reads rows

@@ -277,3 +277,38 @@ def test_the_merged_folder_gives_the_adapters_logits(runs, cls_run, which, tmp_p
             assert torch.allclose(plain(**batch).logits, want, atol=1e-5)
         assert plain.config.id2label == {0: "neg", 1: "pos"}
     _fails(["merge", str(run), "--out", str(out)], capsys, "exists")
+
+
+def test_the_merged_folder_has_its_own_model_card(runs, tmp_path):
+    """A merged folder is a plain transformers model: its card says so and carries the ε."""
+    from fedlora.merge import merge_run
+
+    out = merge_run(runs["shared"], tmp_path / "merged")
+    text = (out / "README.md").read_text()
+    assert "library_name: transformers" in text and "library_name: peft" not in text
+    assert "model (adapter merged into" in text and "load_merged" in text
+    summary = json.loads((runs["shared"] / "summary.json").read_text())
+    from fedlora.config import load_config
+    from fedlora.model import base_model_name
+    from fedlora.modelcard import card
+
+    config = load_config(runs["shared"] / "config.toml")
+    assert text == card(config, summary, base_model_name(config.model.path), merged=True)  # the run's own facts
+    assert ("No differential privacy" in text) == math.isinf(config.privacy.epsilon)
+
+
+def test_merge_bad_input_and_a_failed_write_leave_nothing(runs, tmp_path, capsys, monkeypatch):
+    import fedlora.merge as merge
+
+    _fails(["merge", str(tmp_path / "nope"), "--out", str(tmp_path / "m")], capsys,
+           "run folder", "not found")
+    _fails(["merge", str(runs["shared"]), "--out", str(tmp_path / "no" / "m")], capsys,
+           "does not exist")
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(merge, "_write_pooled", broken)
+    with pytest.raises(OSError):
+        merge.merge_run(runs["shared"], tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

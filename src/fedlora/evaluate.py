@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from fedlora.data.sources import load_labelled
 from fedlora.errors import ConfigError, DataError
+from fedlora.fsutil import whole_folder
 from fedlora.predict import class_probabilities, csv_bytes as _csv, load_trained, predictions_csv
 
 BINS = 10
@@ -97,13 +96,10 @@ def evaluate_file(run: str | Path, data: str | Path, out: str | Path | None = No
         raise DataError("the model gave non-finite scores — the run's adapter is damaged; "
                         "nothing was written")
     metrics, files = _report(probabilities, truth, clf.label_names, run, data)
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    for name, content in files.items():
-        (partial / name).write_bytes(content)
-    (partial / "predictions.csv").write_bytes(predictions_csv(_tensor(probabilities), clf.label_names))
-    os.replace(partial, target)
+    with whole_folder(target) as partial:
+        for name, content in files.items():
+            (partial / name).write_bytes(content)
+        (partial / "predictions.csv").write_bytes(predictions_csv(_tensor(probabilities), clf.label_names))
     return {**metrics, "folder": str(target)}
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
@@ -40,3 +43,24 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextmanager
+def whole_folder(target: str | Path) -> Iterator[Path]:
+    """Build a folder that appears at `target` whole or not at all.
+
+    Yields `<target>.partial` to write into; on success it is renamed to `target` (atomic on
+    POSIX), on any error it is deleted and the error re-raised, so a failed command leaves
+    neither a half-written `target` nor a `.partial` behind. `target` must not exist.
+    """
+    target = Path(target)
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # a torn earlier attempt (SIGKILL)
+    partial.mkdir()
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    os.replace(partial, target)
+    _fsync_dir(target.parent)

@@ -17,7 +17,6 @@ links), the trained head, and the feature centre already folded into the head's 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedlora.errors import ConfigError
+from fedlora.fsutil import whole_folder
 
 HEAD_FILE, HEAD_META = "classifier.safetensors", "fedlora_head.json"
 
@@ -45,7 +45,8 @@ def merged_classifier_state(peft_model: torch.nn.Module) -> dict[str, torch.Tens
 def merge_run(run: str | Path, out: str | Path, client: int | None = None) -> Path:
     """Write `run`'s final classifier (site `client`'s for a personalised run) to `out`,
     whole or not at all; an existing `out` is never replaced."""
-    from fedlora.model import resolve_model_path
+    from fedlora.model import base_model_name, resolve_model_path
+    from fedlora.modelcard import write_card
     from fedlora.pooling import MeanPoolingClassifier
     from fedlora.predict import load_trained
 
@@ -57,16 +58,15 @@ def merge_run(run: str | Path, out: str | Path, client: int | None = None) -> Pa
     clf = load_trained(run, client, device="cpu")
     base = clf.model.get_base_model()
     state = merged_classifier_state(clf.model)
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
     names = dict(enumerate(clf.label_names))
-    if isinstance(base, MeanPoolingClassifier):
-        _write_pooled(base, state, partial, resolve_model_path(clf.config.model.path), names)
-    else:
-        _write_plain(base, state, partial, names)
-    clf.tokenizer.save_pretrained(str(partial))
-    os.replace(partial, target)
+    with whole_folder(target) as partial:
+        if isinstance(base, MeanPoolingClassifier):
+            _write_pooled(base, state, partial, resolve_model_path(clf.config.model.path), names)
+        else:
+            _write_plain(base, state, partial, names)
+        clf.tokenizer.save_pretrained(str(partial))
+        summary = json.loads((Path(run) / "summary.json").read_text(encoding="utf-8"))
+        write_card(partial, clf.config, summary, base_model_name(clf.config.model.path), merged=True)
     return target
 
 

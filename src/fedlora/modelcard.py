@@ -20,33 +20,36 @@ NEIGHBOURS = ("add or remove one training example of one site (example-level DP 
               "against the server, the other sites and whoever receives the model)")
 
 
-def card(config: Config, summary: dict[str, Any], base_model: str) -> str:
-    """The card's text: YAML front matter, then Markdown."""
-    return _front_matter(config, summary, base_model) + _body(config, summary, base_model)
+def card(config: Config, summary: dict[str, Any], base_model: str, merged: bool = False) -> str:
+    """The card's text: YAML front matter, then Markdown. `merged`: the card of a folder with
+    the adapter folded into the weights (a plain transformers model, no PEFT)."""
+    return _front_matter(config, summary, base_model, merged) + _body(config, summary, base_model, merged)
 
 
-def write_card(folder: Path, config: Config, summary: dict[str, Any], base_model: str) -> None:
+def write_card(folder: Path, config: Config, summary: dict[str, Any], base_model: str,
+               merged: bool = False) -> None:
     if folder.is_dir():
-        (folder / "README.md").write_text(card(config, summary, base_model), encoding="utf-8")
+        (folder / "README.md").write_text(card(config, summary, base_model, merged), encoding="utf-8")
 
 
-def _front_matter(config: Config, summary: dict, base_model: str) -> str:
+def _front_matter(config: Config, summary: dict, base_model: str, merged: bool) -> str:
     causal = config.task.kind == "causal"
     tags = ["fedlora", "federated-learning", "lora", f"method-{config.method.name}"]
     if _private(summary):
         tags.append("differential-privacy")
-    lines = ["---", "library_name: peft", f"base_model: {_yaml(base_model)}",
+    lines = ["---", f"library_name: {'transformers' if merged else 'peft'}", f"base_model: {_yaml(base_model)}",
              f"pipeline_tag: {'text-generation' if causal else 'text-classification'}", "tags:"]
     lines += [f"- {t}" for t in tags]
     return "\n".join(lines) + "\n---\n\n"
 
 
-def _body(config: Config, summary: dict, base_model: str) -> str:
+def _body(config: Config, summary: dict, base_model: str, merged: bool) -> str:
     p, f, m = config.privacy, config.federation, config.method
     metric = summary.get("metric", "accuracy")
     score = summary.get("test_accuracy")
     lines = [
-        f"# {m.name} adapter for {base_model}, trained by fedlora",
+        f"# {m.name} {'model (adapter merged into' if merged else 'adapter for'} {base_model}"
+        f"{')' if merged else ''}, trained by fedlora",
         "",
         f"LoRA (r = {m.max_rank}, α = {m.alpha:g}, on {', '.join(m.target_modules)}) trained across "
         f"{summary.get('clients', f.clients)} sites that never shared their data, for "
@@ -90,6 +93,9 @@ def _body(config: Config, summary: dict, base_model: str) -> str:
     personal = bool(summary.get("test_accuracy_per_client"))
     if config.task.kind != "classification":
         use = "# merged/ loads with transformers' AutoModelForCausalLM.from_pretrained"
+    elif merged:
+        use = ("python -c \"from fedlora.merge import load_merged; print(load_merged('DIR'))\"  "
+               "# DIR: this folder")
     elif personal:
         use = "fedlora predict RUN --client K --input texts.csv --out predictions.csv  # site K's model"
     else:

@@ -112,7 +112,8 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
     if initial is not None:
         summary["initial"] = initial
     for name in ("adapter", "merged"):  # PEFT's empty template gives way to what is known
-        write_card(folder.path(name), config, summary, base_model_name(config.model.path))
+        write_card(folder.path(name), config, summary, base_model_name(config.model.path),
+                   merged=name == "merged")
     folder.write_json("summary.json", summary)
     folder.path(ckpt.FILENAME).unlink(missing_ok=True)  # the results supersede it
     return summary
