@@ -7,6 +7,8 @@ and exact; effective weights are read from PEFT's own layers.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -314,3 +316,38 @@ def test_full_fine_tuning_averages_the_weights(overrides):
     assert torch.allclose(w0 + new.base_delta[emb], fedavg.float(), atol=1e-6)
     handle.install({**exp.initial, **new.tensors()})
     assert torch.allclose(handle.base[emb].detach(), fedavg.float(), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- head only
+
+
+def test_head_only_trains_and_averages_only_the_head(overrides):
+    """The linear-probe baseline: real DP training moves only the head, uploads only the head,
+    and the server's head is Σ p_k·h_k; the encoder stays the pre-trained one (B = 0)."""
+    exp = build_experiment(load_config(None, overrides + ["method.name=head"]))
+    m = exp.method
+    glob = m.init_global(exp.initial)
+    assert set(m.download(glob, 0)) and all(keys.is_head(k) for k in m.download(glob, 0))
+    replies = [exp.trainer.train(c, m.download(glob, c.cid), 0) for c in exp.clients]
+    assert all(set(r.upload) == set(replies[0].upload) for r in replies)
+    assert replies[0].upload and all(keys.is_head(k) for k in replies[0].upload)
+    head = next(iter(replies[0].upload))
+    assert not torch.equal(replies[0].upload[head], exp.initial[head])  # the head really trained
+    updates = [Update(r.client, r.upload, r.num_examples) for r in replies]
+    new = m.aggregate(glob, updates, 0)
+    for k in replies[0].upload:
+        want = sum(w * u.state[k].double() for w, u in zip(p(updates), updates))
+        assert torch.allclose(new.adapter[k].double(), want, atol=1e-6)
+    before = effective(exp, exp.initial)
+    after = effective(exp, {**exp.initial, **new.tensors()})
+    assert before.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_head_only_is_refused_where_there_is_no_shared_head(overrides):
+    from fedlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="share"):
+        load_config(None, overrides + ["method.name=head", "method.head=local"])
+    causal = Path(__file__).parents[1] / "configs" / "causal_gsm.toml"
+    with pytest.raises(ConfigError, match="a causal task has none"):
+        load_config(causal, ["method.name=head"])

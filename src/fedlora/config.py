@@ -392,6 +392,12 @@ def validate(config: Config) -> None:
                "remove method.client_ranks or set method.chain_every=0")
         _check(m.head == "shared", "method.chain_every needs a shared head (method.head='shared'): "
                "a local head is personal, the links are shared")
+    if not method_class(m.name).trains_adapter:
+        _check(c.task.kind == "classification",
+               f"method.name '{m.name}' trains only a classifier's head, and a {c.task.kind} task has "
+               "none — choose an adapter method (e.g. method.name=ffa)")
+        _check(m.head == "shared", f"method.name '{m.name}' with method.head='local' would share "
+               "nothing — set method.head='shared'")
     personalised = m.head == "local" or method_class(m.name).always_personalised
     _check(not (personalised and c.data.validation_fraction > 0),
            "data.validation_fraction > 0 is not supported with personalised models "
