@@ -28,7 +28,7 @@ __all__ = ["run", "resume_config", "execute", "ServerSide", "client_facts"]
 def run(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,
         overrides: list[str] | None = None,
         progress: Callable[[str], None] | None = print,
-        resume: str | Path | None = None) -> dict[str, Any]:
+        resume: str | Path | None = None, instrument: Any = None) -> dict[str, Any]:
     """Run one experiment and return its summary (also written to `out/summary.json`).
 
     `config` is a `Config`, a nested dict (as in the TOML file), a path to a TOML file, or None
@@ -38,6 +38,10 @@ def run(config: Config | dict | str | Path | None = None, out: str | Path | None
     checkpoint, with the config saved there. A `config` given as well must resolve to the same
     config, and `overrides` (applied on top of the saved config, or of `config`) may change only
     `threads` and `device`. The result equals an uninterrupted run's (on the same device).
+
+    `instrument` (used by `fedlora audit`): `instrument.attach(experiment)` runs once the
+    experiment is built, `instrument.finish(folder, summary)` after the last round, before the
+    folder is complete; an instrumented run is never kept for resuming.
     """
     say = progress or (lambda _: None)
     start = time.perf_counter()
@@ -50,12 +54,16 @@ def run(config: Config | dict | str | Path | None = None, out: str | Path | None
     say(report.banner(config))
     exp = build_experiment(config)  # every input check happens here, before anything is written
     say(report.describe_setup(exp))
+    if instrument is not None:
+        instrument.attach(exp)
     folder.open()
     try:
         summary = _execute(exp, folder, say, start, saved)
+        if instrument is not None:
+            instrument.finish(folder, summary)
         final = folder.commit()
     except BaseException as err:
-        keep = folder.resuming or _resumable(folder)
+        keep = instrument is None and (folder.resuming or _resumable(folder))
         folder.abort(keep)
         if keep:
             err.add_note(f"the run so far is kept in '{folder.partial}' — continue it with "

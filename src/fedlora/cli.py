@@ -25,6 +25,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="section.key=value",
                      help="config overrides, e.g. privacy.epsilon=inf method.name=lora")
     sub.add_parser("methods", help="list the federated methods")
+    aud = sub.add_parser("audit", help="one training run with gradient canaries in one client's DP "
+                         "sums, then a lower bound on its ε (audit.json, audit.md in the run folder)")
+    aud.add_argument("--config", help="TOML config file (default: the default job)")
+    aud.add_argument("--out", help="run folder to create (default: runs/audit-<method>-eps<ε>-<time>)")
+    aud.add_argument("--client", type=int, default=0, metavar="K", help="the audited client (default: 0)")
+    aud.add_argument("--canaries", type=int, default=1000, metavar="M",
+                     help="canaries, each included with probability ½ (default: 1000)")
+    aud.add_argument("--guesses", default="100,100", metavar="K_IN,K_OUT",
+                     help="guess 'in' for the K_IN highest scores and 'out' for the K_OUT lowest, "
+                          "fixed before training (default: 100,100)")
+    aud.add_argument("--break", dest="broken", choices=["noise", "sigma/10", "clip"],
+                     help="FOR TESTING THE AUDIT ONLY: audit a deliberately broken mechanism (no "
+                          "noise, a tenth of it, no clipping); the run's ε is then false")
+    aud.add_argument("overrides", nargs="*", metavar="section.key=value",
+                     help="config overrides, e.g. method.name=lora federation.rounds=2")
     pred = _run_command(sub, "predict", "classify new texts with a finished run's model, or "
                         "answer prompts with a causal one (CSV out)", compute=True)
     pred.add_argument("--input", required=True, metavar="FILE",
@@ -118,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _guesses(text: str) -> tuple[int, int]:
+    try:
+        k_in, k_out = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--guesses '{text}': give two whole numbers K_IN,K_OUT, e.g. 100,100") from None
+    return k_in, k_out
+
+
 def _notes(err: BaseException) -> str:
     return " ".join(getattr(err, "__notes__", []))
 
@@ -168,6 +191,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {args.size} {args.generator} pairs to {out} (seed {args.seed}); train on them "
               f"with task.kind=causal data.path={out} data.text_column=question "
               "data.label_column=answer")
+        return 0
+    if args.command == "audit":
+        from fedlora.audit.run import AuditPlan, audit
+
+        audit(args.config, args.out, args.overrides, AuditPlan(
+            client=args.client, canaries=args.canaries, broken=args.broken,
+            **dict(zip(("guesses_in", "guesses_out"), _guesses(args.guesses)))))
         return 0
     if args.command == "flower":
         from fedlora.federation.flower.cli import dispatch

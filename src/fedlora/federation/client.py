@@ -90,6 +90,9 @@ class LocalTrainer:
     """
 
     timings: Timings | None = None
+    #: `fedlora audit`'s canaries (`fedlora.audit.canaries.GradientCanaries`): inserted into the
+    #: DP sums of the one client they name, and scored from its rounds; None in every other run
+    audit = None
 
     def __init__(self, model: nn.Module, method: Method, train: TrainConfig, local_steps: int,
                  pad_id: int, initial: State, loss: ExampleLoss = classification_loss):
@@ -140,11 +143,15 @@ class LocalTrainer:
         masked = {k: self.handle.param(k) for k in keys} if rank < self.method.max_rank else {}
         optimizer = self._optimizer(params)
         noise = client.randomness.stream("noise", round)  # drawn on the CPU on any device
+        audit = self._audit(client)
+        if audit is not None:
+            canary = client.randomness.stream("canary", round)
+            before = {k: v.detach().clone() for k, v in self.handle.state().items()}
         torch.manual_seed(client.randomness.torch_seed("dropout", round))
         self.model.train()
         losses = []
         for batch in self.poisson_batches(client, round):
-            loss = self._step(client, batch, keys, noise)
+            loss = self._step(client, batch, keys, noise, canary if audit is not None else None)
             if masked:  # DP noise on masked coordinates is discarded, never applied
                 lowrank.zero_beyond_rank_({k: p.grad for k, p in masked.items()}, rank)
             optimizer.step()
@@ -157,7 +164,12 @@ class LocalTrainer:
                 losses.append(loss)
         self.model.eval()
         self.handle.set_trainable(lambda k: False)
+        if audit is not None:
+            audit.observe(before, self.handle.state())
         return self.handle.state(), losses
+
+    def _audit(self, client: Client):
+        return self.audit if self.audit is not None and self.audit.client == client.cid else None
 
     def _release(self, client: Client, round, digest: str | None, upload: State,
                  loss: float | None = None) -> None:
@@ -244,7 +256,8 @@ class LocalTrainer:
         return [(stream.uniform(client.num_examples) < q).nonzero().flatten().tolist()
                 for _ in range(self.local_steps)]
 
-    def _step(self, client: Client, batch_idx: list[int], keys: list[str], noise: Stream):
+    def _step(self, client: Client, batch_idx: list[int], keys: list[str], noise: Stream,
+              canary: Stream | None = None):
         """Set `.grad` on the trainable parameters; return the batch's mean loss (or None).
 
         With DP: g = (Σ_i clip_C(g_i) + N(0, σ²C²)) / (q·n), each example clipped to C = `clip`.
@@ -258,6 +271,8 @@ class LocalTrainer:
         names = [self.names[k] for k in keys]
         params = [self.handle.param(k) for k in keys]
         expected = privacy.sample_rate * client.num_examples
+        audit = self._audit(client) if canary is not None else None
+        clip = privacy.clip if audit is None else audit.clip(privacy.clip)
         # Σ_i clip(g_i) is summed micro-batch by micro-batch (clipping is per example, so this is
         # exact) and the noise is drawn once: per-example gradients of one micro-batch at a time
         # are in memory, which is what makes DP full fine-tuning fit.
@@ -270,12 +285,15 @@ class LocalTrainer:
                 value["losses"] = self.per_example_loss(client, idx)
                 return value["losses"]
 
-            clipped, _ = clip_and_sum(per_sample_gradients(self.model, loss_fn), privacy.clip)
+            clipped, _ = clip_and_sum(per_sample_gradients(self.model, loss_fn), clip)
             for name in names:
                 summed[name] += clipped[name]
             total += float(value["losses"].detach().sum())
+        if audit is not None:  # canaries join the sum as examples do, before the noise
+            audit.add(summed, {k: self.names[k] for k in keys}, privacy.sample_rate,
+                      privacy.clip, canary)
         # an empty batch is pure noise; the noise is drawn once per step, for every parameter
-        std = privacy.noise_multiplier * privacy.clip
+        std = privacy.noise_multiplier * privacy.clip * (1.0 if audit is None else audit.noise_scale)
         drawn = gaussian_noise({n: tuple(p.shape) for n, p in zip(names, params)}, std, noise) \
             if std > 0 else {}
         for name, p in zip(names, params):
