@@ -39,7 +39,8 @@ def _event(q: float, sigma: float, steps: int):
 
 
 def reference_epsilon(kind: str, history, delta: float) -> float:
-    """ε from dp_accounting: RdpAccountant for "rdp", PLDAccountant for "prv"."""
+    """ε from dp_accounting: RdpAccountant for "rdp", PLDAccountant at its default (10× finer)
+    grid for "prv" and "pld" (see also the check of "pld" against Opacus's PRV below)."""
     ref = rdp.RdpAccountant() if kind == "rdp" else pld.PLDAccountant()
     for sigma, q, steps in history:
         ref.compose(_event(q, sigma, steps))
@@ -61,6 +62,15 @@ def test_epsilon_agrees_with_dp_accounting(kind, q, sigma, steps, delta):
     ours = epsilon_of(kind, sigma, q, steps, delta)
     ref = reference_epsilon(kind, [(sigma, q, steps)], delta)
     assert ours == pytest.approx(ref, rel=0.02)
+
+
+@pytest.mark.parametrize("q,sigma,steps,delta", CASES)
+def test_pld_agrees_with_opacus_prv(q, sigma, steps, delta):
+    """"pld" (dp_accounting) against an independent numerical accountant: Opacus's PRV class."""
+    prv = PRVAccountant()
+    prv.history = [(sigma, q, steps)]
+    assert epsilon_of("pld", sigma, q, steps, delta) == pytest.approx(prv.get_epsilon(delta), rel=0.02)
+    assert epsilon_of("pld", sigma, q, steps, delta) <= epsilon_of("rdp", sigma, q, steps, delta)
 
 
 def test_reference_values_for_the_documented_case():
@@ -204,6 +214,10 @@ def test_calibration_rejects_impossible_inputs(kwargs):
 @pytest.mark.parametrize("target", [1e-4,  # below what RDP can certify with any σ (≈ 0.0035 at δ=1e-5)
                                     0.0035015])  # just above: ε(σ) flattens out before reaching it
 def test_unreachable_epsilon_is_a_config_error(kind, target):
+    if kind == "pld" and target > 1e-4:  # PLD certifies ε below RDP's floor: reachable there
+        sigma = calibrate_noise(target, 1e-5, 1.0, 10, kind)
+        assert epsilon_of("pld", sigma, 1.0, 10, 1e-5) <= target
+        return
     with pytest.raises(ConfigError, match="cannot be reached"):
         calibrate_noise(target, 1e-5, 1.0, 10, kind)
 

@@ -23,7 +23,7 @@ from fedlora.errors import ConfigError
 PARTITIONS = ("iid", "dirichlet", "group")
 OPTIMIZERS = ("sgd", "adam")
 HEADS = ("shared", "local")
-ACCOUNTANTS = ("rdp", "prv")  # fedlora.privacy.epsilon.KINDS is this tuple
+ACCOUNTANTS = ("rdp", "prv", "pld")  # fedlora.privacy.epsilon.KINDS is this tuple
 NOISE = ("secret", "seeded")  # where DP randomness comes from: fedlora.privacy.randomness
 CENTERS = ("auto", "off")
 BAD_UPDATE = ("skip", "stop")

@@ -3,8 +3,9 @@
 The accountant's state (its history) is `fedlora.privacy.accountant.PrivacyAccountant`; the
 σ calibration is `fedlora.privacy.calibration`.
 
-All the math is Opacus's: Rényi DP (kind "rdp", the default) and the PRV accountant
-(kind "prv": numerical composition of privacy-loss random variables, tighter). We call the
+Rényi DP (kind "rdp", the default) and the PRV accountant (kind "prv": numerical composition
+of privacy-loss random variables, tighter) are Opacus's; kind "pld" is Google's
+`dp_accounting` privacy-loss-distribution accountant (also numerical, `_pld_epsilon`). We call the
 functions `RDPAccountant` and `PRVAccountant.get_epsilon` are made of (`compute_rdp`,
 `get_privacy_spent`; `PoissonSubsampledGaussianPRV`, `discretize`, `compose_heterogeneous`)
 rather than the classes, for one reason: speed. RDP of one step at each order depends only
@@ -217,7 +218,31 @@ def _epsilon(kind: str, history: History, delta: float) -> float:
         return 0.0
     if any(sigma == 0.0 for sigma, _, _ in history):
         return math.inf
+    if kind == "pld":
+        return _pld_epsilon(history, delta)
     return _rdp_epsilon(history, delta) if kind == "rdp" else _prv_epsilon(history, delta)
+
+
+_PLD_INTERVAL = 1e-3  # 10× dp_accounting's default grid: the same ε to 3 decimals here, 10× faster
+
+
+def _pld_epsilon(history: History, delta: float) -> float:
+    """min(PLD bound, RDP bound): Google's `dp_accounting` privacy-loss-distribution accountant
+    (Koskela et al.; Doroshenko et al., PETS 2022), composing each (σ, q, steps) entry as a
+    Poisson-subsampled Gaussian under add/remove-one. Its discretisation is pessimistic (the
+    default `pessimistic_estimate`), so its ε is an upper bound, as RDP's is."""
+    from dp_accounting import dp_event
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+
+    rdp = _rdp_epsilon(history, delta)
+    accountant = PLDAccountant(value_discretization_interval=_PLD_INTERVAL)
+    for sigma, q, steps in history:
+        accountant.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+    try:
+        pld = float(accountant.get_epsilon(delta))
+    except (ValueError, OverflowError, FloatingPointError, MemoryError):
+        return rdp
+    return max(0.0, min(pld, rdp)) if math.isfinite(pld) else rdp
 
 
 # --------------------------------------------------------------------------- calibration
