@@ -174,6 +174,13 @@ def test_the_adapter_carries_a_model_card_with_its_privacy_facts(runs):
         assert f"{summary['test_accuracy']:.4f}" in card
         assert "fedlora run --config RUN/config.toml" in card
         assert ("--client K" in card) == (name == "fedsa")
+    # a personalised run's per-site adapters carry the same facts, named for their site
+    fedsa = runs["fedsa"]
+    for k in range(3):
+        own = (fedsa / "clients" / str(k) / "adapter" / "README.md").read_text()
+        assert _front_matter(own)["library_name"] == "peft"
+        assert f"site {k}'s own model" in own and f"fedlora predict RUN --client {k}" in own
+        assert own.count("\n# ") == 1 and "## Privacy" in own and "secret key" in own
 
 
 # ------------------------------------------------------------------------------ evaluate

@@ -20,16 +20,26 @@ NEIGHBOURS = ("add or remove one training example of one site (example-level DP 
               "against the server, the other sites and whoever receives the model)")
 
 
-def card(config: Config, summary: dict[str, Any], base_model: str, merged: bool = False) -> str:
+def card(config: Config, summary: dict[str, Any], base_model: str, merged: bool = False,
+         site: str | None = None) -> str:
     """The card's text: YAML front matter, then Markdown. `merged`: the card of a folder with
-    the adapter folded into the weights (a plain transformers model, no PEFT)."""
-    return _front_matter(config, summary, base_model, merged) + _body(config, summary, base_model, merged)
+    the adapter folded into the weights (a plain transformers model, no PEFT); `site`: the card
+    of one site's own adapter in a personalised run (`clients/<k>/adapter`)."""
+    text = _front_matter(config, summary, base_model, merged) + _body(config, summary, base_model, merged)
+    if site is None:
+        return text
+    title, _, rest = text.partition("\n# ")[2].partition("\n")
+    own = (f"\n# {title} — site {site}'s own model\n\nThis folder is site {site}'s personalised "
+           "adapter (its own tensors with the shared ones); use it with "
+           f"`fedlora predict RUN --client {site}`.\n")
+    return text.partition("\n# ")[0] + own + rest
 
 
 def write_card(folder: Path, config: Config, summary: dict[str, Any], base_model: str,
-               merged: bool = False) -> None:
+               merged: bool = False, site: str | None = None) -> None:
     if folder.is_dir():
-        (folder / "README.md").write_text(card(config, summary, base_model, merged), encoding="utf-8")
+        (folder / "README.md").write_text(card(config, summary, base_model, merged, site),
+                                          encoding="utf-8")
 
 
 def _front_matter(config: Config, summary: dict, base_model: str, merged: bool) -> str:

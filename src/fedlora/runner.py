@@ -111,9 +111,12 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
                             state.seconds_before + time.perf_counter() - start)
     if initial is not None:
         summary["initial"] = initial
-    for name in ("adapter", "merged"):  # PEFT's empty template gives way to what is known
-        write_card(folder.path(name), config, summary, base_model_name(config.model.path),
-                   merged=name == "merged")
+    clients_dir = folder.path("clients")
+    own = sorted(clients_dir.glob("*/adapter")) if clients_dir.is_dir() else []
+    for path in [folder.path("adapter"), folder.path("merged"), *own]:
+        # PEFT's empty template gives way to what is known
+        write_card(path, config, summary, base_model_name(config.model.path),
+                   merged=path.name == "merged", site=path.parent.name if path in own else None)
     folder.write_json("summary.json", summary)
     folder.path(ckpt.FILENAME).unlink(missing_ok=True)  # the results supersede it
     return summary
