@@ -134,6 +134,9 @@ class MethodConfig:
                    "evaluation is then each client's own model on its own held-out data)")
     chain_every: int = _f(0, "chain of LoRA (COLA): every this many rounds the adapter is merged "
                           "into the frozen weights and a fresh one starts (0 = off)")
+    galore_update_every: int = _f(4, "galore only: refresh each matrix's projection (SVD of its "
+                                  "privatised gradient) every this many local steps")
+    galore_scale: float = _f(0.25, "galore only: the scale α of the back-projected step (the paper's 0.25)")
 
     @property
     def max_rank(self) -> int:
@@ -392,6 +395,11 @@ def validate(config: Config) -> None:
                "remove method.client_ranks or set method.chain_every=0")
         _check(m.head == "shared", "method.chain_every needs a shared head (method.head='shared'): "
                "a local head is personal, the links are shared")
+    _check(m.galore_update_every >= 1, "method.galore_update_every must be ≥ 1, e.g. 4")
+    _check(m.galore_scale > 0 and math.isfinite(m.galore_scale), "method.galore_scale must be a positive number")
+    if m.name == "galore":
+        _check(c.train.optimizer == "adam", f"method.name 'galore' brings its own projected Adam — "
+               f"set train.optimizer=adam (got '{c.train.optimizer}')")
     if not method_class(m.name).trains_adapter:
         _check(c.task.kind == "classification",
                f"method.name '{m.name}' trains only a classifier's head, and a {c.task.kind} task has "

@@ -141,7 +141,7 @@ class LocalTrainer:
         params = [self.handle.param(k) for k in keys]
         # a rank-r_k client on the rank-r_max model: coordinates beyond r_k stay exactly zero
         masked = {k: self.handle.param(k) for k in keys} if rank < self.method.max_rank else {}
-        optimizer = self._optimizer(params)
+        optimizer = self._optimizer(dict(zip(keys, params)))
         noise = client.randomness.stream("noise", round)  # drawn on the CPU on any device
         audit = self._audit(client)
         if audit is not None:
@@ -240,8 +240,12 @@ class LocalTrainer:
     def _refuse(self, client: Client, reason: str) -> ClientReply:
         return refusal(client, reason)
 
-    def _optimizer(self, params: list[Tensor]) -> torch.optim.Optimizer:
+    def _optimizer(self, named: dict[str, Tensor]) -> torch.optim.Optimizer:
         cfg = self.train_cfg
+        own = self.method.local_optimizer(named, cfg.lr)
+        if own is not None:
+            return own
+        params = list(named.values())
         if cfg.optimizer == "adam":
             return torch.optim.Adam(params, lr=cfg.lr)
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)

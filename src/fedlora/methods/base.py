@@ -91,6 +91,11 @@ class Method:
         self.config = config
 
     # -- what exists where -------------------------------------------------------------
+    def local_optimizer(self, params: dict, lr: float):
+        """The method's own local optimizer for these trainable parameters (key → tensor), or
+        None for `train.optimizer`'s (GaLore brings its projected Adam)."""
+        return None
+
     def trainable(self, key: str, round: int) -> bool:
         """Does a client train tensor `key` in round `round` (0-based)?"""
         raise NotImplementedError
