@@ -170,13 +170,16 @@ def test_sigkill_then_resume_equals_uninterrupted_run(points, tmp_path, override
     assert all(_spent(out)[c] >= n for c, n in spent_at_kill.items())
 
 
-@pytest.mark.parametrize("method", ["fedsa", "fedex"])
+@pytest.mark.parametrize("method", ["fedsa", "fedex", "ffa+adam"])
 def test_resume_restores_personal_tensors_and_base_changes(method, tmp_path, overrides,
                                                           monkeypatch):
-    """A crash in round 2 (personal B of FedSA-LoRA / FedEx-LoRA's base residual in play)."""
+    """A crash in round 2 (personal B of FedSA-LoRA / FedEx-LoRA's base residual / the server
+    optimizer's moment buffers in play)."""
     from fedlora.federation.client import LocalTrainer
 
-    args = [*overrides, f"method.name={method}"]
+    method, _, server = method.partition("+")
+    args = [*overrides, f"method.name={method}"] + (
+        [f"federation.server_optimizer={server}", "federation.server_lr=0.05"] if server else [])
     fedlora.run(None, tmp_path / "ref", overrides=args, progress=None)
     train = LocalTrainer.train
 
@@ -193,8 +196,8 @@ def test_resume_restores_personal_tensors_and_base_changes(method, tmp_path, ove
     fedlora.run(resume=tmp_path / "run", progress=None)
     got, want = outcome(tmp_path / "run"), outcome(tmp_path / "ref")
     assert got == want
-    expect = "clients/0/adapter/adapter_model.safetensors" if method == "fedsa" \
-        else "base_delta.safetensors"
+    expect = {"fedsa": "clients/0/adapter/adapter_model.safetensors",
+              "fedex": "base_delta.safetensors"}.get(method, "adapter/adapter_model.safetensors")
     assert expect in got["files"]
 
 

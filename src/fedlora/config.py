@@ -22,6 +22,7 @@ from fedlora.errors import ConfigError
 
 PARTITIONS = ("iid", "dirichlet", "group")
 OPTIMIZERS = ("sgd", "adam")
+SERVER_OPTIMIZERS = ("avg", "momentum", "adam")
 HEADS = ("shared", "local")
 ACCOUNTANTS = ("rdp", "prv", "pld")  # fedlora.privacy.epsilon.KINDS is this tuple
 NOISE = ("secret", "seeded")  # where DP randomness comes from: fedlora.privacy.randomness
@@ -119,6 +120,10 @@ class FederationConfig:
         "(0 = no bound)")
     evaluate_initial: bool = _f(
         False, "also evaluate the starting model before round 1 (summary: 'initial')")
+    server_optimizer: str = _f("avg", f"the server's step from the aggregate: {', '.join(SERVER_OPTIMIZERS)} "
+                               "(FedAvg, FedAvgM, FedAdam; post-processing, no ε cost)")
+    server_lr: float = _f(1.0, "server learning rate η of momentum/adam (adam wants ~0.01-0.1)")
+    server_momentum: float = _f(0.9, "β of the server's momentum (server_optimizer = momentum)")
 
 
 @dataclass
@@ -365,6 +370,10 @@ def validate(config: Config) -> None:
            f"federation.on_bad_update must be one of {', '.join(BAD_UPDATE)}, got '{f.on_bad_update}'")
     _check(f.max_update_norm >= 0 and not math.isinf(f.max_update_norm),
            "federation.max_update_norm must be a finite number ≥ 0 (0 = no bound)")
+    _check(f.server_optimizer in SERVER_OPTIMIZERS, f"federation.server_optimizer must be one of "
+           f"{', '.join(SERVER_OPTIMIZERS)}, got '{f.server_optimizer}'")
+    _check(f.server_lr > 0 and math.isfinite(f.server_lr), "federation.server_lr must be a positive number")
+    _check(0 <= f.server_momentum < 1, "federation.server_momentum must be in [0, 1)")
     m = c.method
     from fedlora.methods import available_methods, method_class
 
@@ -395,6 +404,14 @@ def validate(config: Config) -> None:
                "remove method.client_ranks or set method.chain_every=0")
         _check(m.head == "shared", "method.chain_every needs a shared head (method.head='shared'): "
                "a local head is personal, the links are shared")
+    if f.server_optimizer != "avg":
+        steppable = [n for n in available_methods() if method_class(n).averages]
+        _check(method_class(m.name).averages,
+               f"federation.server_optimizer='{f.server_optimizer}': method '{m.name}' does not "
+               "average its uploads into the previous state (its server step re-factors, merges "
+               f"or corrects) — use federation.server_optimizer=avg or one of {', '.join(steppable)}")
+        _check(not m.chain_every, "federation.server_optimizer needs method.chain_every=0 (a "
+               "chain's merge is not a step of the adapter)")
     _check(m.galore_update_every >= 1, "method.galore_update_every must be ≥ 1, e.g. 4")
     _check(m.galore_scale > 0 and math.isfinite(m.galore_scale), "method.galore_scale must be a positive number")
     if m.name == "galore":

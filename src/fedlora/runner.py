@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 from fedlora import report
 from fedlora.config import Config, config_to_toml
 from fedlora.device import device_of
+from fedlora.federation.server_optimizer import ServerOptimizer
 from fedlora.federation import checkpoint as ckpt
 from fedlora.federation.centering import centering_enabled, fold_center
 from fedlora.federation.client import Client
@@ -69,7 +70,9 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
     f = config.federation
     plan = RoundPlan(f.rounds, f.clients, f.clients_per_round, f.eval_every, config.seed,
                      f.min_clients, checkpoint_every=f.checkpoint_every,
-                     on_bad_update=f.on_bad_update, center_dim=_center_dim(config, server.handle))
+                     on_bad_update=f.on_bad_update, center_dim=_center_dim(config, server.handle),
+                     server_optimizer=ServerOptimizer(f.server_optimizer, f.server_lr,
+                                                      f.server_momentum))
     if saved is not None:
         state = ckpt.restore(saved, clients)
         say(f"resuming after round {saved.round} of {f.rounds} from {folder.partial}")

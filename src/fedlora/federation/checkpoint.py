@@ -3,7 +3,8 @@
 A checkpoint after round r holds everything the rest of the run depends on:
 
 * the global state — adapter tensors, base-weight changes, statistics and a chain's merged
-  links (`adapter/<key>`, `base/<key>`, `statistics/<key>`, `links/<key>`);
+  links (`adapter/<key>`, `base/<key>`, `statistics/<key>`, `links/<key>`), and the server
+  optimizer's buffers (`server/<key>`);
 * each client's state — its personal tensors (`client/<k>/<key>`), its step count and its
   accountant's history (a client in a deployment keeps these itself; the server part stands
   alone: `clients` may be empty);
@@ -69,6 +70,7 @@ def save_checkpoint(path: str | Path, config: Config, state: FederationState, cl
     tensors.update({f"base/{k}": v for k, v in state.glob.base_delta.items()})
     tensors.update({f"statistics/{k}": v for k, v in state.glob.statistics.items()})
     tensors.update({f"links/{k}": v for k, v in state.glob.links.items()})
+    tensors.update({f"server/{k}": v for k, v in state.server_buffers.items()})
     for c in clients:
         tensors.update({f"client/{c.cid}/{k}": v for k, v in c.personal.items()})
     tensors["rng/torch"] = torch.get_rng_state()
@@ -128,6 +130,7 @@ def restore(ckpt: Checkpoint, clients=()) -> FederationState:
         bytes_uploaded=int(m["bytes_uploaded"]),
         bytes_downloaded=int(m["bytes_downloaded"]),
         history=list(m["history"]),
+        server_buffers=_under(t, "server/"),
         center=dict(m.get("center", {})),
         seconds_before=float(m.get("seconds", 0.0)),
     )

@@ -27,6 +27,7 @@ import numpy as np
 from fedlora.errors import FederationError
 from fedlora.federation import centering
 from fedlora.federation.client import ClientReply
+from fedlora.federation.server_optimizer import ServerOptimizer, server_step
 from fedlora.federation.timing import Laps, Timings
 from fedlora.federation.validate import UpdateValidator
 from fedlora.methods.base import GlobalState, Method, State, Update
@@ -67,6 +68,7 @@ class RoundPlan:
     checkpoint_every: int = 0  # 0 = never
     on_bad_update: str = "skip"  # or "stop"
     center_dim: int = 0  # > 0: run the DP feature-centring query for features of this size
+    server_optimizer: ServerOptimizer = ServerOptimizer()  # the server's step (FedOpt)
 
 
 class UpdateRejected(FederationError):
@@ -85,6 +87,7 @@ class FederationState:
     history: list[dict] = field(default_factory=list)
     center: dict = field(default_factory=dict)  # what the centring query gave (see `centering`)
     seconds_before: float = 0.0  # wall time of earlier attempts, each up to its last checkpoint
+    server_buffers: dict = field(default_factory=dict)  # the server optimizer's m (and v)
 
 
 class Evaluate(Protocol):
@@ -141,7 +144,11 @@ def run_rounds(method: Method, state: FederationState, transport: Transport, pla
                                  "— federation.on_bad_update='stop' ends the run; set it to 'skip' "
                                  "to go on without that client's update")
         updates = [Update(rep.client, rep.upload, rep.num_examples) for rep in accepted]
-        state.glob = method.end_round(method.aggregate(state.glob, updates, r), r)
+        aggregate = method.aggregate(state.glob, updates, r)
+        if updates:  # no update, no step: the state (and the buffers) stay as they are
+            aggregate, state.server_buffers = server_step(plan.server_optimizer, state.glob,
+                                                          aggregate, state.server_buffers)
+        state.glob = method.end_round(aggregate, r)
         lap("aggregate")
         for rep in exchange.replies:
             if rep.client in downloads and _is_epsilon(rep.epsilon):  # ε never goes down

@@ -81,6 +81,9 @@ class Method:
     #: can it be chained (`method.chain_every`)? Where the global state is one LoRA (A, B)
     #: per layer and a head, with no base changes or personal factors of its own.
     supports_chains: ClassVar[bool] = False
+    #: is its aggregate a (weighted) mean of the uploads, i.e. a step from the previous state
+    #: that a server optimizer (`federation.server_optimizer`) can take instead?
+    averages: ClassVar[bool] = False
     #: does it train an adapter? False for `head` (only the task head): it needs a task with
     #: a trained head (not a causal LM) shared by the sites (not `method.head = "local"`)
     trains_adapter: ClassVar[bool] = True

@@ -26,6 +26,7 @@ class LoRAFAIR(FedIT):
     """LoRA-FAIR: average A and B, then correct B so mean(B)·mean(A) best matches Σ p_k·B_k·A_k."""
 
     name = "fair"
+    averages = False  # its server step does more than average (see the module docstring)
     paper = "Bian et al., ICCV 2025, arXiv 2411.14961"
 
     def aggregate(self, glob: GlobalState, updates: list[Update], round: int) -> GlobalState:

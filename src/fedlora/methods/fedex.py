@@ -21,6 +21,7 @@ class FedExLoRA(FedIT):
     """FedEx-LoRA: average A and B; add the residual mean(B_k·A_k) − mean(B)·mean(A) to W0."""
 
     name = "fedex"
+    averages = False  # its server step does more than average (see the module docstring)
     paper = "Singhal et al., ACL 2025, arXiv 2410.09432"
     supports_chains = False  # it folds residuals into the base weights itself
 

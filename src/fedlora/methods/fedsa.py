@@ -17,6 +17,7 @@ class FedSALoRA(FedIT):
     """FedSA-LoRA: train A and B; average only A; each client keeps its own B."""
 
     name = "fedsa"
+    averages = True
     paper = "Guo et al., ICLR 2025, arXiv 2410.01463"
     supports_chains = False  # each client keeps its own B: no one link to merge
     always_personalised = True

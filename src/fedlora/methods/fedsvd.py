@@ -29,6 +29,7 @@ class FedSVD(FFALoRA):
     """FedSVD: FFA-LoRA clients; the server re-factors B̄·A by SVD into a new orthonormal A."""
 
     name = "fedsvd"
+    averages = False  # its server step does more than average (see the module docstring)
     paper = "Lee et al., NeurIPS 2025, arXiv 2505.12805"
     supports_chains = False  # its server re-orients A itself (compared with chains, not combined)
     # A rank-r_k client would train in the first r_k rows of A; they change every round, and

@@ -15,6 +15,7 @@ class FFALoRA(Method):
     """FFA-LoRA: A frozen from a shared seed; train and average only B and the head."""
 
     name = "ffa"
+    averages = True
     paper = "Sun et al., ICLR 2024, arXiv 2403.12313"
     supports_chains = True  # every link's A is drawn from A_0 by each client: exact, nothing sent
     # A rank-r_k client uses the first r_k rows of the shared A (and r_k columns of B): with A

@@ -19,6 +19,7 @@ class FlexLoRA(FedIT):
     """FlexLoRA: ΔW = Σ p_k·B_k·A_k, truncated SVD, each client gets its top-r_k factors."""
 
     name = "flexlora"
+    averages = False  # its server step does more than average (see the module docstring)
     paper = "Bai et al., NeurIPS 2024, arXiv 2402.11505"
     supports_client_ranks = True
 

@@ -21,6 +21,7 @@ class FLoRA(FedIT):
     """FLoRA: stack the clients' A (scaled) and B, merge B*·A* into W0, restart LoRA each round."""
 
     name = "flora"
+    averages = False  # its server step does more than average (see the module docstring)
     paper = "Wang et al., NeurIPS 2024, arXiv 2409.05976"
     supports_chains = False  # it is a chain of one-round links already
     supports_client_ranks = True

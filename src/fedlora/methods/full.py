@@ -19,6 +19,7 @@ class FullFineTuning(Method):
     """Full fine-tuning (FedAvg of all weights): the upper reference for small models."""
 
     name = "full"
+    averages = True
     paper = "McMahan et al., AISTATS 2017 (FedAvg)"
 
     def trainable(self, key: str, round: int) -> bool:

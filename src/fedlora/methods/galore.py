@@ -22,6 +22,7 @@ class GaLore(Method):
     """GaLore: clients train the target modules' full weights with projected Adam; FedAvg of the deltas."""
 
     name = "galore"
+    averages = True
     paper = "Zhao et al., ICML 2024 (GaLore); direct weight averaging: arXiv 2410.23111"
     trains_adapter = True  # the target modules' weights, not LoRA factors
 

@@ -16,6 +16,7 @@ class HeadOnly(Method):
     """Head only (private linear probe): no adapter; train and average only the task head."""
 
     name = "head"
+    averages = True
     paper = "the linear-probe baseline (no adapter); FedAvg of the head"
     trains_adapter = False
 

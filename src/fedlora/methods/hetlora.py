@@ -26,6 +26,7 @@ class HetLoRA(FedIT):
     """HetLoRA: zero-pad to r_max, average weighted by ‖B_k·A_k‖, truncate to each client's rank."""
 
     name = "hetlora"
+    averages = False  # its server step does more than average (see the module docstring)
     paper = "Cho et al., EMNLP 2024, arXiv 2401.06432"
     supports_chains = False  # its clients hold different ranks
     supports_client_ranks = True

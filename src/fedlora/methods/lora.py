@@ -13,6 +13,7 @@ class FedIT(Method):
     """FedIT / vanilla LoRA: train and average A, B and the head separately."""
 
     name = "lora"
+    averages = True
     paper = "Zhang et al., ICASSP 2024 (FedIT), arXiv 2305.05644"
     supports_chains = True
 

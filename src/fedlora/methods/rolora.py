@@ -18,6 +18,7 @@ class RoLoRA(Method):
     """RoLoRA: alternate rounds training/averaging only B (A frozen) and only A (B frozen)."""
 
     name = "rolora"
+    averages = True
     paper = "Chen et al., 2024, arXiv 2409.02346"
     supports_chains = True
 
