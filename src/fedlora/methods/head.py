@@ -18,6 +18,7 @@ class HeadOnly(Method):
     name = "head"
     paper = "the linear-probe baseline (no adapter); FedAvg of the head"
     trains_adapter = False
+    lora_pairs = False  # no adapter is trained
 
     def trainable(self, key: str, round: int) -> bool:
         return keys.is_head(key)
