@@ -280,6 +280,23 @@ def test_ffa_client_round_moves_only_b_and_uploads_b_and_head(tiny_overrides, op
     assert all(torch.equal(state[k], v) for k, v in exp.initial.items() if is_lora_a(k))
 
 
+@pytest.mark.parametrize("optimizer", ["lora_pro", "lora_rite"])
+def test_rolora_rounds_move_only_their_factor(tiny_overrides, optimizer):
+    """RoLoRA: B frozen in odd rounds — the optimizers' frozen-B form moves A alone."""
+    exp = build_experiment(load_config(None, tiny_overrides + [
+        "method.name=rolora", f"train.optimizer={optimizer}"]))
+    glob = exp.method.init_global(exp.initial)
+    start = {**exp.initial, **{k: v + 0.05 if is_lora_b(k) else v for k, v in glob.adapter.items()}}
+    client = exp.clients[0]
+    for round, moved in ((0, is_lora_b), (1, is_lora_a)):
+        reply = exp.trainer.train(client, {k: v for k, v in start.items() if k in glob.adapter}, round)
+        state = exp.trainer.handle.state()
+        for k in state:
+            if is_lora_a(k) or is_lora_b(k):
+                assert torch.equal(state[k], start[k]) != moved(k), (round, k)
+        assert all(torch.isfinite(v).all() for v in reply.upload.values())
+
+
 @pytest.mark.parametrize("method", ["ffa", "lora"])
 @pytest.mark.parametrize("optimizer", ["lora_pro", "lora_rite"])
 def test_a_federated_run_finishes_with_finite_results(tiny_overrides, tmp_path, method, optimizer):
