@@ -21,7 +21,8 @@ from typing import Any
 from fedlora.errors import ConfigError
 
 PARTITIONS = ("iid", "dirichlet", "group")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "lora_pro", "lora_rite")
+LORA_OPTIMIZERS = ("lora_pro", "lora_rite")  # they need one (A, B) per layer: Method.lora_pairs
 SERVER_OPTIMIZERS = ("avg", "momentum", "adam")
 HEADS = ("shared", "local")
 ACCOUNTANTS = ("rdp", "prv", "pld")  # fedlora.privacy.epsilon.KINDS is this tuple
@@ -153,7 +154,15 @@ class MethodConfig:
 class TrainConfig:
     batch_size: int = _f(256, "expected examples per DP-SGD step (Poisson sampling)")
     lr: float = _f(0.02, "learning rate of the local optimizer")
-    optimizer: str = _f("adam", f"local optimizer: {', '.join(OPTIMIZERS)}")
+    optimizer: str = _f("adam", f"local optimizer: {', '.join(OPTIMIZERS)} (lora_pro: LoRA-Pro, "
+                        "Wang et al. 2024 — the factors' gradients adjusted so the LoRA step best "
+                        "approximates the full-weight gradient, Adam on that equivalent gradient "
+                        "(two full-size moments per layer); with A frozen (ffa) g_B·(AAᵀ)⁻¹/s². "
+                        "lora_rite: LoRA-RITE, Yen et al. 2024 — an adaptive preconditioner "
+                        "invariant to how B·A is factored. Both post-process the privatised "
+                        "gradient (ε unchanged), give the head plain Adam, are reset each round, "
+                        "and need one LoRA (A, B) per layer at one rank: not full, head, hetlora "
+                        "or method.client_ranks)")
     momentum: float = _f(0.9, "SGD momentum (reset each round: optimizer state never leaves a client)")
     micro_batch_size: int = _f(64, "examples per forward pass; a batch is split, never changed")
     gradient_checkpointing: bool = _f(
@@ -431,6 +440,14 @@ def validate(config: Config) -> None:
     _check(t.batch_size >= 1, "train.batch_size must be ≥ 1")
     _check(t.lr > 0 and math.isfinite(t.lr), "train.lr must be a positive number")
     _check(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}")
+    if t.optimizer in LORA_OPTIMIZERS:
+        paired = [n for n in available_methods() if method_class(n).lora_pairs]
+        _check(method_class(m.name).lora_pairs and not m.client_ranks,
+               f"train.optimizer={t.optimizer} needs one LoRA (A, B) pair per layer at a single "
+               f"rank, and method.name={m.name}"
+               + (" with method.client_ranks" if method_class(m.name).lora_pairs else "")
+               + f" does not train one — choose train.optimizer=adam, or one of {', '.join(paired)}"
+               " without method.client_ranks")
     _check(0 <= t.momentum < 1, "train.momentum must be in [0, 1)")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size must be ≥ 1")
     _check(t.eval_batch_size >= 1, "train.eval_batch_size must be ≥ 1")

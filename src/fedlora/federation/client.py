@@ -20,6 +20,7 @@ from fedlora.device import device_of, to_device
 from fedlora.methods import lowrank
 from fedlora.methods.base import Method, State
 from fedlora.model import AdapterHandle
+from fedlora.optim import build_optimizer
 from fedlora.federation import centering
 from fedlora.federation.timing import Timings, phase
 from fedlora.federation.wire import state_digest
@@ -138,10 +139,9 @@ class LocalTrainer:
         self.handle.install(self.method.client_state(self.initial, client.personal, download,
                                                      client.cid))
         keys = self.handle.set_trainable(lambda k: self.method.trainable(k, round))
-        params = [self.handle.param(k) for k in keys]
         # a rank-r_k client on the rank-r_max model: coordinates beyond r_k stay exactly zero
         masked = {k: self.handle.param(k) for k in keys} if rank < self.method.max_rank else {}
-        optimizer = self._optimizer(dict(zip(keys, params)))
+        optimizer = self._optimizer(keys)
         noise = client.randomness.stream("noise", round)  # drawn on the CPU on any device
         audit = self._audit(client)
         if audit is not None:
@@ -240,15 +240,15 @@ class LocalTrainer:
     def _refuse(self, client: Client, reason: str) -> ClientReply:
         return refusal(client, reason)
 
-    def _optimizer(self, named: dict[str, Tensor]) -> torch.optim.Optimizer:
-        cfg = self.train_cfg
-        own = self.method.local_optimizer(named, cfg.lr)
+    def _optimizer(self, keys: list[str]) -> torch.optim.Optimizer:
+        """A new optimizer for this round's trainable `keys` — the method's own (GaLore's), else
+        `train.optimizer`: its state (moments, and LoRA-Pro's or LoRA-RITE's per-layer state)
+        is this client's and dies with the round."""
+        weights = {k: self.handle.param(k) for k in self.handle.shapes()}
+        own = self.method.local_optimizer({k: weights[k] for k in keys}, self.train_cfg.lr)
         if own is not None:
             return own
-        params = list(named.values())
-        if cfg.optimizer == "adam":
-            return torch.optim.Adam(params, lr=cfg.lr)
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+        return build_optimizer(self.train_cfg, weights, keys, self.method.scaling)
 
     def poisson_batches(self, client: Client, round: int) -> list[list[int]]:
         """The example indices of each of the round's `local_steps` batches: each example joins

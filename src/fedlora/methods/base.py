@@ -87,6 +87,9 @@ class Method:
     #: does it train an adapter? False for `head` (only the task head): it needs a task with
     #: a trained head (not a causal LM) shared by the sites (not `method.head = "local"`)
     trains_adapter: ClassVar[bool] = True
+    #: does a client train one LoRA (A, B) pair per layer, all at one rank (either factor may
+    #: be frozen)? What `train.optimizer = "lora_pro" | "lora_rite"` need (`fedlora.optim`)
+    lora_pairs: ClassVar[bool] = True
     #: the paper, for the README's table and `fedlora methods`
     paper: ClassVar[str] = ""
 

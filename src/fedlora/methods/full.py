@@ -21,6 +21,7 @@ class FullFineTuning(Method):
     name = "full"
     averages = True
     paper = "McMahan et al., AISTATS 2017 (FedAvg)"
+    lora_pairs = False  # it trains the full weights, not the LoRA factors
 
     def trainable(self, key: str, round: int) -> bool:
         if keys.is_base(key):

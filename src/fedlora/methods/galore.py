@@ -24,7 +24,7 @@ class GaLore(Method):
     name = "galore"
     averages = True
     paper = "Zhao et al., ICML 2024 (GaLore); direct weight averaging: arXiv 2410.23111"
-    trains_adapter = True  # the target modules' weights, not LoRA factors
+    lora_pairs = False  # it trains the target modules' full weights, not the LoRA factors
 
     def trainable(self, key: str, round: int) -> bool:
         return self._target_weight(key) or keys.is_head(key)

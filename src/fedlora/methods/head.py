@@ -19,6 +19,7 @@ class HeadOnly(Method):
     averages = True
     paper = "the linear-probe baseline (no adapter); FedAvg of the head"
     trains_adapter = False
+    lora_pairs = False  # no adapter is trained
 
     def trainable(self, key: str, round: int) -> bool:
         return keys.is_head(key)

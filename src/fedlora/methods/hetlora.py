@@ -30,6 +30,7 @@ class HetLoRA(FedIT):
     paper = "Cho et al., EMNLP 2024, arXiv 2401.06432"
     supports_chains = False  # its clients hold different ranks
     supports_client_ranks = True
+    lora_pairs = False  # its point is unequal ranks: factors masked beyond each client's rank
 
     def aggregate(self, glob: GlobalState, updates: list[Update], round: int) -> GlobalState:
         if not updates:
