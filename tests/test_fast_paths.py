@@ -66,9 +66,9 @@ def test_training_uses_the_batches_poisson_batches_names(exp, monkeypatch):
     seen = []
     original = LocalTrainer._step
 
-    def spy(self, client, batch_idx, keys, noise):
+    def spy(self, client, batch_idx, keys, noise, **audit):
         seen.append(list(batch_idx))
-        return original(self, client, batch_idx, keys, noise)
+        return original(self, client, batch_idx, keys, noise, **audit)
 
     monkeypatch.setattr(LocalTrainer, "_step", spy)
     glob = exp.method.init_global(exp.initial)

@@ -144,14 +144,14 @@ class LocalTrainer:
         optimizer = self._optimizer(keys)
         noise = client.randomness.stream("noise", round)  # drawn on the CPU on any device
         audit = self._audit(client)
+        canary = None if audit is None else client.randomness.stream("canary", round)
         if audit is not None:
-            canary = client.randomness.stream("canary", round)
             before = {k: v.detach().clone() for k, v in self.handle.state().items()}
         torch.manual_seed(client.randomness.torch_seed("dropout", round))
         self.model.train()
         losses = []
         for batch in self.poisson_batches(client, round):
-            loss = self._step(client, batch, keys, noise, canary if audit is not None else None)
+            loss = self._step(client, batch, keys, noise, canary=canary)
             if masked:  # DP noise on masked coordinates is discarded, never applied
                 lowrank.zero_beyond_rank_({k: p.grad for k, p in masked.items()}, rank)
             optimizer.step()
