@@ -448,7 +448,7 @@ def test_grid_file_and_overrides(tmp_path):
 
 # ---------------------------------------------------------------------------- the study configs
 
-STUDIES = {"privacy": (21, 84), "alpha": (0, 30), "heterogeneity": (6, 24), "communication": (21, 21)}
+STUDIES = {"privacy": (24, 96), "alpha": (0, 30), "heterogeneity": (6, 24), "communication": (21, 21)}
 
 
 @pytest.mark.parametrize("study", sorted(STUDIES))
@@ -484,12 +484,12 @@ def test_the_study_on_your_own_csv_from_the_command_line(tmp_path, tiny_override
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "note: the selection runs keep seed = [0]" in printed
-    assert len(list((tmp_path / "mine" / "select").iterdir())) == 21  # 7 methods × 3 rates
+    assert len(list((tmp_path / "mine" / "select").iterdir())) == 24  # 8 methods × 3 rates
     finals = sorted(p.name for p in out.iterdir() if p.is_dir())
-    assert len(finals) == 7 and all(load_config(out / f / "config.toml").data.path.endswith(".csv")
+    assert len(finals) == 8 and all(load_config(out / f / "config.toml").data.path.endswith(".csv")
                                     for f in finals)
-    assert printed.count("copied") >= 7
+    assert printed.count("copied") >= 8
     assert main(["report", str(out)]) == 0
     md = (out / "report" / "report.md").read_text()
     assert "## Hyperparameters chosen on the validation split" in md
-    assert md.count("**yes**") == 7
+    assert md.count("**yes**") == 8
