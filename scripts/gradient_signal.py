@@ -38,6 +38,9 @@ def measure(overrides: list[str], client: int, examples: int) -> list[dict]:
 
     config = load_config(None, ["privacy.noise=seeded", *overrides])
     exp = build_experiment(config)
+    if not 0 <= client < len(exp.clients):
+        raise SystemExit(f"gradient_signal.py: --client {client}: the config has clients "
+                         f"0…{len(exp.clients) - 1}")
     m, trainer, c = exp.method, exp.trainer, exp.clients[client]
     state = FederationState(glob=m.init_global(exp.initial))
     plan = RoundPlan(1, len(exp.clients), 0, 1, config.seed,

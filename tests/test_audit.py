@@ -139,7 +139,8 @@ def test_audit_cli_and_its_bad_input(audit_overrides, tmp_path, capsys):
                          (["--guesses", "x"], "--guesses"),
                          (["--canaries", "100000"], "lower --canaries"),
                          (["--client", "7"], "--client 7"),
-                         (["privacy.epsilon=inf"], "no DP guarantee")]:
+                         (["privacy.epsilon=inf"], "no DP guarantee"),
+                         (["method.name=galore"], "brings its own optimizer")]:
         bad = tmp_path / "bad"
         options = [a for a in argv if "=" not in a]
         assert main(["audit", "--out", str(bad), *options, *audit_overrides,

@@ -134,16 +134,23 @@ def audit(config=None, out: str | Path | None = None, overrides: list[str] | Non
     """One audited run; returns audit.json's content (with the run folder under "out")."""
     import fedlora
     from fedlora.config import load_config
+    from fedlora.methods import method_class
+    from fedlora.methods.base import Method
     from fedlora.outputs import default_out_dir
 
     instrument = Audit(plan, rng)
+    name = (config.method.name if hasattr(config, "method")
+            else load_config(config, overrides).method.name)
+    if method_class(name).local_optimizer is not Method.local_optimizer:
+        raise ConfigError(f"fedlora audit scores plain SGD steps, and method.name '{name}' brings "
+                          "its own optimizer — audit another method")
     overrides = list(overrides or []) + PLAIN_SGD
     say = progress or (lambda _: None)
     say("fedlora audit: the audited run trains with plain SGD, no momentum (train.optimizer=sgd, "
         "train.momentum=0), so each update is linear in its noisy sums, as the white-box scores "
         "need")
+    resolved = config if hasattr(config, "method") else load_config(config, overrides)
     if out is None:
-        resolved = config if hasattr(config, "method") else load_config(config, overrides)
         out = default_out_dir(f"audit-{resolved.method.name}", resolved.privacy.epsilon)
     summary = fedlora.run(config, out, overrides=overrides, progress=progress, instrument=instrument)
     result = dict(instrument.result)

@@ -223,7 +223,7 @@ def _epsilon(kind: str, history: History, delta: float) -> float:
     return _rdp_epsilon(history, delta) if kind == "rdp" else _prv_epsilon(history, delta)
 
 
-_PLD_INTERVAL = 1e-3  # 10× dp_accounting's default grid: the same ε to 3 decimals here, 10× faster
+_PLD_INTERVAL = 1e-3  # 10× dp_accounting's default grid: the same ε to 3 decimals, ~8× faster here
 
 
 def _pld_epsilon(history: History, delta: float) -> float:
