@@ -18,14 +18,16 @@ import torch
 from fedlora.config import load_config
 from fedlora.experiment import build_experiment
 from fedlora.federation.wire import payload_bytes
-from fedlora.methods import available_methods, lowrank
+from fedlora.methods import available_methods, lowrank, method_class
 from fedlora.methods.base import Update
 
 
 def measure(overrides: list[str]) -> list[tuple[str, int, int]]:
     rows = []
     for name in available_methods():
-        exp = build_experiment(load_config(None, ["threads=1", *overrides, f"method.name={name}"]))
+        rank = method_class(name).fixed_rank  # xgblora is defined at rank 1
+        fixed = [f"method.rank={rank}"] if rank else []
+        exp = build_experiment(load_config(None, ["threads=1", *overrides, f"method.name={name}", *fixed]))
         m, gen = exp.method, torch.Generator().manual_seed(0)
         glob = m.init_global(exp.initial)
         for round in range(2):

@@ -139,7 +139,11 @@ class MethodConfig:
     head: str = _f("shared", f"task head policy: {', '.join(HEADS)} (local = personal, never uploaded; "
                    "evaluation is then each client's own model on its own held-out data)")
     chain_every: int = _f(0, "chain of LoRA (COLA): every this many rounds the adapter is merged "
-                          "into the frozen weights and a fresh one starts (0 = off)")
+                          "into the frozen weights and a fresh one starts (0 = off; for xgblora, "
+                          "0 = a new booster every round)")
+    boost_fraction: float = _f(1.0, "xgblora only: the chance that a LoRA layer takes part in a "
+                               "booster (the paper's random layer selection, a public coin per "
+                               "layer and booster); 1 = every layer in every booster")
     galore_update_every: int = _f(4, "galore only: refresh each matrix's projection (SVD of its "
                                   "privatised gradient) every this many local steps")
     galore_scale: float = _f(0.25, "galore only: the scale α of the back-projected step (the paper's 0.25)")
@@ -404,7 +408,14 @@ def validate(config: Config) -> None:
                "give one rank per client (federation.clients)")
         _check(all(r >= 1 for r in m.client_ranks), "method.client_ranks must all be ≥ 1")
     _check(m.chain_every >= 0, "method.chain_every must be ≥ 0 (0 = no chain), e.g. 2")
-    if m.chain_every:
+    _check(0 < m.boost_fraction <= 1, "method.boost_fraction must be in (0, 1], e.g. 0.5")
+    _check(m.boost_fraction == 1 or m.name == "xgblora", "method.boost_fraction is xgblora's random "
+           f"layer selection — set method.name=xgblora or remove it (method '{m.name}')")
+    fixed = method_class(m.name).fixed_rank
+    if fixed is not None:
+        _check(m.rank == fixed and not m.client_ranks, f"method.name '{m.name}' is defined at rank "
+               f"{fixed} — set method.rank={fixed} (got {m.rank}) and no method.client_ranks")
+    if m.chain_every or method_class(m.name).always_chained:
         chainable = [n for n in available_methods() if method_class(n).supports_chains]
         _check(method_class(m.name).supports_chains,
                f"method.chain_every: method '{m.name}' cannot be chained — set method.chain_every=0 "

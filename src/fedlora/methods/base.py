@@ -81,6 +81,10 @@ class Method:
     #: can it be chained (`method.chain_every`)? Where the global state is one LoRA (A, B)
     #: per layer and a head, with no base changes or personal factors of its own.
     supports_chains: ClassVar[bool] = False
+    #: is it a chain whatever `method.chain_every` says (XGBLoRA: boosting is a chain)?
+    always_chained: ClassVar[bool] = False
+    #: the one LoRA rank it is defined at (XGBLoRA's boosters: 1), or None for any
+    fixed_rank: ClassVar[int | None] = None
     #: is its aggregate a (weighted) mean of the uploads, i.e. a step from the previous state
     #: that a server optimizer (`federation.server_optimizer`) can take instead?
     averages: ClassVar[bool] = False
@@ -139,7 +143,13 @@ class Method:
 
     @property
     def chained(self) -> bool:
-        return self.config.chain_every > 0
+        return self.config.chain_every > 0 or self.always_chained
+
+    @property
+    def chain_period(self) -> int:
+        """Rounds per link: `method.chain_every`, or 1 for a method that is always a chain and
+        was given 0."""
+        return self.config.chain_every or 1
 
     def client_state(self, initial: State, personal: State, download: State, client: int) -> State:
         """Everything a client installs: its download over its personal tensors over the
@@ -167,7 +177,7 @@ class Method:
     def end_round(self, glob: GlobalState, round: int) -> GlobalState:
         """After round `round`'s aggregation: in a chain, every `chain_every` rounds, merge the
         link into `glob.links` and start the next (`fedlora.methods.chain.close_link`)."""
-        if not self.chained or (round + 1) % self.config.chain_every:
+        if not self.chained or (round + 1) % self.chain_period:
             return glob
         adapter, links = chain.close_link(glob.adapter, glob.links, self.scaling)
         return replace(glob, adapter=adapter, links=links)
