@@ -16,7 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 def bench(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     yield
-    for name in ("throughput", "round_breakdown", "scaling", "reference_opacus", "common"):
+    for name in ("throughput", "precision", "round_breakdown", "scaling", "reference_opacus", "common"):
         sys.modules.pop(name, None)
 
 
@@ -40,6 +40,22 @@ def test_throughput_measures_every_contender(bench, tiny_overrides, tmp_path):
     assert run["floor ffa"]["examples"] == run["fedlora ffa, DP"]["examples"] > 0  # same batches
     assert all(v > 0 for v in result["wall"]["examples_per_second"].values())
     assert 0 < result["setup"]["padding"]["max_length"] < result["setup"]["padding"]["micro_batches"] <= 1
+
+
+def test_precision_measures_fp32_and_bf16_on_the_same_batches(bench, tiny_overrides, tmp_path):
+    import precision
+
+    out = tmp_path / "p.json"
+    assert precision.main([*_tiny(tiny_overrides), "--threads", "1", "--repeats", "1",
+                           "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rates = result["cpu"]["examples_per_second"]
+    assert set(rates) == {"floor ffa fp32", "fedlora ffa, DP, fp32", "floor ffa bf16",
+                          "fedlora ffa, DP, bf16"}
+    assert all(v > 0 for v in rates.values())
+    assert set(result["cpu"]["ratios"]) == {"fedlora ffa, DP: bf16 ex/s ÷ fp32 ex/s",
+                                            "floor ffa: bf16 ex/s ÷ fp32 ex/s"}
+    assert set(result["matmul_seconds"]) == {"float32", "bfloat16"}
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")

@@ -24,6 +24,7 @@ PARTITIONS = ("iid", "dirichlet", "group")
 OPTIMIZERS = ("sgd", "adam", "lora_pro", "lora_rite")
 LORA_OPTIMIZERS = ("lora_pro", "lora_rite")  # they need one (A, B) per layer: Method.lora_pairs
 SERVER_OPTIMIZERS = ("avg", "momentum", "adam")
+PRECISIONS = ("fp32", "bf16")
 HEADS = ("shared", "local")
 ACCOUNTANTS = ("rdp", "prv", "pld")  # fedlora.privacy.epsilon.KINDS is this tuple
 NOISE = ("secret", "seeded")  # where DP randomness comes from: fedlora.privacy.randomness
@@ -173,6 +174,11 @@ class TrainConfig:
         False, "recompute activations in the backward pass: less memory, more compute; "
         "per-example DP gradients stay exact")
     eval_batch_size: int = _f(512, "examples per evaluation batch")
+    precision: str = _f("fp32", f"{' or '.join(PRECISIONS)}: bf16 runs the training forward and "
+                        "backward passes under autocast (bfloat16 matmuls); per-example gradients, "
+                        "their norms, clipping, noise, the optimizer and every upload stay fp32, "
+                        "and evaluation runs in fp32 (the model as exported). Fast only where the "
+                        "hardware has bf16 units (GPUs, CPUs with AVX512-BF16/AMX); elsewhere slower")
 
 
 @dataclass
@@ -461,6 +467,8 @@ def validate(config: Config) -> None:
                " without method.client_ranks")
     _check(0 <= t.momentum < 1, "train.momentum must be in [0, 1)")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size must be ≥ 1")
+    _check(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, "
+           f"got '{t.precision}'")
     _check(t.eval_batch_size >= 1, "train.eval_batch_size must be ≥ 1")
     _validate_task(c)
     p = c.privacy

@@ -6,6 +6,7 @@ into it, so memory grows with the number of clients by adapter size, never by mo
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -312,7 +313,7 @@ class LocalTrainer:
         total = 0.0
         for idx in chunks:
             losses = self.per_example_loss(client, idx)
-            (losses.sum() / n).backward()
+            (losses.sum() / n).float().backward()
             total += float(losses.detach().sum())
         return total / n if n else None
 
@@ -323,7 +324,16 @@ class LocalTrainer:
                 for group in length_groups(lengths, self.train_cfg.micro_batch_size)]
 
     def per_example_loss(self, client: Client, idx: list[int]) -> Tensor:
-        return self.loss(self.model, client.token_ids, client.labels, idx, self.pad_id)
+        """The per-example losses of examples `idx`, the forward pass under `train.precision`
+        (autocast to bfloat16 for "bf16": matmuls in bf16, losses and softmax in fp32 by
+        autocast's own policy; the backward pass follows the forward's dtypes)."""
+        with self._autocast():
+            return self.loss(self.model, client.token_ids, client.labels, idx, self.pad_id)
+
+    def _autocast(self):
+        if self.train_cfg.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_of(self.model).type, dtype=torch.bfloat16)
 
 
 def refusal(client: Client, reason: str) -> ClientReply:

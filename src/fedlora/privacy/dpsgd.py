@@ -159,13 +159,23 @@ def _module_grad_samples(module: nn.Module, params: list[tuple[str, nn.Parameter
             f"module {rec.name!r}: output batch dimension is {rec.backprops.shape[0]}, but there are "
             f"{n} per-example losses; the batch must be the first dimension everywhere"
         )
-    grads = GradSampleModule.GRAD_SAMPLERS[type(module)](module, rec.activations, rec.backprops)
+    # Under autocast (train.precision = "bf16") activations and output gradients are bf16; the
+    # per-example gradients (and so their norms and the clipping) are computed in fp32 from them.
+    activations = [_fp32(a) for a in rec.activations]
+    grads = GradSampleModule.GRAD_SAMPLERS[type(module)](module, activations, _fp32(rec.backprops))
     out = {}
     for name, p in params:
         if p not in grads:
             raise RuntimeError(f"Opacus's grad sampler gave no per-example gradient for {name!r}")
         out[name] = grads[p].to(p.dtype)
     return out
+
+
+def _fp32(t):
+    """A low-precision floating tensor upcast to fp32; anything else as it is."""
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype in (torch.bfloat16, torch.float16):
+        return t.float()
+    return t
 
 
 # --------------------------------------------------------------------------- clip and noise
