@@ -95,10 +95,20 @@ def test_training_time_model_is_the_block_shortcut_formula(deep_dir, blocks):
         assert not torch.allclose(model(**batch).logits, plain(**batch).logits, atol=1e-3)
 
 
-def test_per_example_gradients_equal_one_backward_per_example(deep_dir):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_per_example_gradients_equal_one_backward_per_example(deep_dir, checkpointing):
     """Layer n−k's factors run again inside layer n: their per-example gradients (every
-    trainable tensor's) equal the gradient of each example's own loss, one backward each."""
+    trainable tensor's) equal the gradient of each example's own loss, one backward each —
+    also with gradient checkpointing, which re-runs the shortcuts in the backward pass."""
     model, handle = _reslora_model(deep_dir, blocks=2)
+    if checkpointing:
+        from fedlora.model import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model.get_base_model())
+        for m in model.modules():  # checkpointing acts in training mode; no dropout to compare
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        model.train()
     handle.set_trainable(lambda key: key in handle.params)  # LoRA and the head, as lora trains
     batch, labels = _batch(), torch.tensor([0, 1, 1, 0])
     names = handle.param_names()
