@@ -26,7 +26,7 @@ from fedlora.methods.registry import register
 
 @register
 class ResLoRA(Method):
-    """ResLoRA (block shortcut): FedIT with residual paths from previous layers' LoRA, merged exactly for export."""
+X
 
     name = "reslora"
     averages = True
