@@ -26,7 +26,7 @@ from fedlora.methods.registry import register
 
 @register
 class ResLoRA(Method):
-X
+    """ResLoRA (block shortcut): FedIT + previous layers' LoRA blocks in training, merged exactly."""
 
     name = "reslora"
     averages = True
