@@ -221,6 +221,25 @@ def test_module_called_twice_raises_and_leaves_no_hooks():
     assert not lin._forward_hooks and not lin._backward_hooks and lin.weight.grad is None
 
 
+def test_reusable_module_gradient_is_summed_over_its_calls():
+    """A module marked reusable may run twice (y = W·tanh(W·x)): its per-example gradient is
+    the one of each example's own loss, through both calls (one backward per example)."""
+    from fedlora.privacy.dpsgd import mark_reusable
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    mark_reusable(lin)
+    x = torch.randn(3, 5, 4)
+    losses = lambda: lin(torch.tanh(lin(x))).pow(2).sum((1, 2))  # noqa: E731
+    fast = per_sample_gradients(lin, losses)
+    each = losses()
+    for i in range(3):
+        gw, gb = torch.autograd.grad(each[i], [lin.weight, lin.bias], retain_graph=True)
+        assert torch.allclose(fast["weight"][i], gw, atol=1e-5)
+        assert torch.allclose(fast["bias"][i], gb, atol=1e-5)
+    assert not lin._forward_hooks
+
+
 def test_losses_must_be_per_example():
     lin = nn.Linear(4, 1)
     with pytest.raises(ValueError, match="1-D"):

@@ -145,6 +145,9 @@ class MethodConfig:
     boost_fraction: float = _f(1.0, "xgblora only: the chance that a LoRA layer takes part in a "
                                "booster (the paper's random layer selection, a public coin per "
                                "layer and booster); 1 = every layer in every booster")
+    reslora_blocks: int = _f(1, "reslora only: how many previous layers' LoRA blocks each layer "
+                             "adds to its own in training (the paper's block shortcut; the export "
+                             "merges them exactly into a plain LoRA of rank (this+1)·r)")
     galore_update_every: int = _f(4, "galore only: refresh each matrix's projection (SVD of its "
                                   "privatised gradient) every this many local steps")
     galore_scale: float = _f(0.25, "galore only: the scale α of the back-projected step (the paper's 0.25)")
@@ -443,6 +446,16 @@ def validate(config: Config) -> None:
     if m.name == "galore":
         _check(c.train.optimizer == "adam", f"method.name 'galore' brings its own projected Adam — "
                f"set train.optimizer=adam (got '{c.train.optimizer}')")
+    _check(m.reslora_blocks >= 1, "method.reslora_blocks must be ≥ 1, e.g. 1")
+    if m.name == "reslora":
+        _check(c.task.kind == "classification",
+               f"method.name 'reslora' exports its residual paths merged into the adapter; a "
+               f"{c.task.kind} task's merged model is built from the live layers and would lose "
+               "them — use task.kind=classification, or method.name=lora")
+        _check(c.train.optimizer not in LORA_OPTIMIZERS,
+               f"train.optimizer={c.train.optimizer} adjusts each layer's (A, B) as that layer's "
+               "alone, but method.name 'reslora' also adds them to the next method.reslora_blocks "
+               "layers — choose train.optimizer=adam (or sgd)")
     if not method_class(m.name).trains_adapter:
         _check(c.task.kind == "classification",
                f"method.name '{m.name}' trains only a classifier's head, and a {c.task.kind} task has "

@@ -146,9 +146,10 @@ def build_base(config: Config, num_labels: int = 0, method: Method | None = None
     # the head and LoRA's A are drawn on the CPU from the run's seed (identical whatever the
     # device), then the whole model moves once; the handle is taken after the move
     model = attach_lora(model, config.method, config.seed, task.peft_task_type).to(device)
+    method = method or get_method(config.method)
+    method.prepare_model(model)  # a structure of its own during training (ResLoRA's paths)
     handle = AdapterHandle.of(model)
-    return Base(model, handle, handle.state(), method or get_method(config.method), tokenizer, pad_id,
-                model_path, task)
+    return Base(model, handle, handle.state(), method, tokenizer, pad_id, model_path, task)
 
 
 def pad_id_of(tokenizer) -> int:

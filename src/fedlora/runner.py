@@ -167,6 +167,8 @@ def export_adapter(server: ServerSide, state: FederationState, path: Path,
     to add to the base before loading the adapter (`fedlora.model.apply_base_delta`).
     The task may add files of its own: a causal LM writes `merged/`, the base model with the
     adapter (and any base change) folded in, for plain `AutoModelForCausalLM.from_pretrained`.
+    A method whose training-time model has a structure of its own (ResLoRA's residual paths)
+    rewrites the saved adapter as the plain LoRA that computes the same (`Method.finish_export`).
     Personalised methods also write each client's own adapter to `clients/<k>/adapter`, for
     the clients this process holds (all of them in simulation; none on a Flower server, where
     personal tensors never leave their sites).
@@ -175,6 +177,7 @@ def export_adapter(server: ServerSide, state: FederationState, path: Path,
     handle = server.handle
     handle.install(fold_center({**server.initial, **glob.tensors()}))
     handle.model.save_pretrained(str(path))
+    method.finish_export(path)  # e.g. ResLoRA's residual paths merged into plain LoRA
     if server.task is not None:
         server.task.export(handle.model, server.tokenizer, path.parent)
     change = base_change(glob)
@@ -184,7 +187,9 @@ def export_adapter(server: ServerSide, state: FederationState, path: Path,
         for client in clients:
             handle.install(fold_center(method.client_state(
                 server.initial, client.personal, method.download(glob, client.cid), client.cid)))
-            handle.model.save_pretrained(str(path.parent / "clients" / str(client.cid) / "adapter"))
+            own = path.parent / "clients" / str(client.cid) / "adapter"
+            handle.model.save_pretrained(str(own))
+            method.finish_export(own)
     handle.install({**server.initial, **glob.tensors()})
 
 

@@ -124,6 +124,16 @@ class Method:
         """Is each client's model its own (evaluated per client on its own held-out data)?"""
         return self.always_personalised or self.config.head == "local"
 
+    # -- the model's structure and its export ------------------------------------------
+    def prepare_model(self, model) -> None:
+        """Change the LoRA model's training-time structure; called once per process, right
+        after LoRA is attached (default: none; ResLoRA adds its residual paths)."""
+
+    def finish_export(self, folder) -> None:
+        """Turn the PEFT adapter just saved to `folder` into the one a user loads, computing the
+        same outputs as the training-time model (default: as saved; ResLoRA merges its residual
+        paths into plain LoRA factors)."""
+
     # -- ranks -------------------------------------------------------------------------
     @property
     def max_rank(self) -> int:

@@ -38,5 +38,5 @@ def _load_builtin() -> None:
     from fedlora.methods import ffa, lora  # noqa: F401
     from fedlora.methods import fair, fedex, fedsa, fedsvd, flexlora, flora, full, galore, head  # noqa: F401
     from fedlora.methods import hetlora  # noqa: F401
-    from fedlora.methods import rolora  # noqa: F401
+    from fedlora.methods import reslora, rolora  # noqa: F401
     from fedlora.methods import xgblora  # noqa: F401

@@ -10,6 +10,12 @@ For a module computing y = f(x; θ) on a batch, the gradient of Σ_i L_i w.r.t. 
 per-example terms because example i only touches rows i of x and y; the grad sampler turns
 (x, ∂(Σ_j L_j)/∂y) into the n per-example gradients ∂L_i/∂θ (for nn.Linear:
 ∂L_i/∂W = Σ_t (∂L_i/∂y_{i,t}) x_{i,t}ᵀ over the sequence positions t).
+
+A module marked reusable (`mark_reusable`: ResLoRA's block shortcut runs layer n−k's LoRA
+factors again inside layer n) may run several times in one forward pass. Its per-example
+gradient is then the sum over its calls c of each call's own, ∂L_i/∂θ = Σ_c G(x_c, ∂L/∂y_c)_i:
+θ enters the loss once per call, and the chain rule adds the uses. Any other module that runs
+twice is refused, as before (an accidental reuse is a bug, not a structure).
 """
 
 from __future__ import annotations
@@ -22,10 +28,17 @@ from torch import Tensor, nn
 
 from fedlora.privacy.randomness import Stream, TorchStream
 
-__all__ = ["per_sample_gradients", "per_sample_norms", "clip_factors", "clip_and_sum",
+__all__ = ["per_sample_gradients", "mark_reusable", "per_sample_norms", "clip_factors", "clip_and_sum",
            "gaussian_noise", "clip_and_noise"]
 
 NORM_EPS = 1e-6  # as Opacus: the clip factor is C / (‖g_i‖ + 1e-6)
+REUSABLE = "fedlora_reusable"  # a module attribute: may run more than once per forward pass
+
+
+def mark_reusable(module: nn.Module) -> None:
+    """Let `module` run more than once per forward pass: its per-example gradient is summed
+    over its calls (see the module docstring)."""
+    setattr(module, REUSABLE, True)
 
 
 # --------------------------------------------------------------------------- per-example grads
@@ -62,7 +75,7 @@ def _trainable_owners(model: nn.Module) -> list[tuple[str, nn.Module, list[tuple
 
 
 class _Recorder:
-    """Records one module's inputs (forward hook) and the gradient of its output.
+    """Records one module's inputs (forward hook) and the gradient of its output, per call.
 
     The output gradient is caught by a tensor hook on the output, registered from the
     forward hook. (A full backward hook would fire only when the gradient w.r.t. the
@@ -70,12 +83,15 @@ class _Recorder:
     when those inputs lead to no requested parameter — e.g. an input that requires grad for
     another reason —, silently giving zero per-example gradients. The output's gradient is
     always computed, since the module's parameters' gradients depend on it.)
+    A module runs once per forward pass unless it is marked reusable (`mark_reusable`); each
+    call then keeps its own inputs and output gradient.
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, reusable: bool = False):
         self.name = name
-        self.activations: list[Tensor] | None = None
-        self.backprops: Tensor | None = None
+        self.reusable = reusable
+        self.activations: list[list] = []  # per call: the module's inputs
+        self.backprops: list[Tensor | None] = []  # per call: ∂(Σ_j L_j)/∂output, None if unused
         self.closed = False  # set once the forward pass is over
 
     def forward_hook(self, module: nn.Module, inputs: tuple, output) -> None:
@@ -85,20 +101,22 @@ class _Recorder:
             # recorded in the real forward, and (non-reentrant checkpointing) gradients flow
             # through the real forward's graph, whose output hook is already in place.
             return
-        if self.activations is not None:
+        if self.activations and not self.reusable:
             raise RuntimeError(
                 f"module {self.name!r} ran more than once in one forward pass; per-example "
                 "gradients of reused modules are not supported"
             )
         if not inputs:
             raise RuntimeError(f"module {self.name!r} was called without positional inputs")
-        self.activations = [t.detach() if isinstance(t, Tensor) else t for t in inputs]
+        call = len(self.activations)
+        self.activations.append([t.detach() if isinstance(t, Tensor) else t for t in inputs])
+        self.backprops.append(None)
         out = output if isinstance(output, Tensor) else output[0]  # as Opacus: grad_output[0]
         if out.requires_grad:
-            out.register_hook(self._save_backprops)
+            out.register_hook(lambda grad: self._save_backprops(call, grad))
 
-    def _save_backprops(self, grad: Tensor) -> None:
-        self.backprops = grad.detach()
+    def _save_backprops(self, call: int, grad: Tensor) -> None:
+        self.backprops[call] = grad.detach()
 
 
 def per_sample_gradients(
@@ -111,7 +129,8 @@ def per_sample_gradients(
     (so `.grad` is not touched: it stays as it was, None in a training loop) and Opacus's
     grad samplers turn each module's inputs and output gradients into per-example gradients.
     Modules that own trainable parameters must see the batch as their first dimension and
-    run at most once per forward (a second call raises `RuntimeError`). Activations may be 3-D
+    run at most once per forward (a second call raises `RuntimeError`) unless marked reusable
+    (`mark_reusable`: their per-example gradients are summed over their calls). Activations may be 3-D
     (n, T, d): a sequence's gradient sums over its positions. Non-reentrant gradient
     checkpointing is supported (its recomputation in the backward pass is ignored).
 
@@ -122,7 +141,7 @@ def per_sample_gradients(
     live on this call's autograd graph and go with it).
     """
     owners = _trainable_owners(model)
-    recorders = [_Recorder(name) for name, _, _ in owners]
+    recorders = [_Recorder(name, getattr(module, REUSABLE, False)) for name, module, _ in owners]
     handles = []
     try:
         for (_, module, _), rec in zip(owners, recorders):
@@ -150,24 +169,27 @@ def per_sample_gradients(
 
 def _module_grad_samples(module: nn.Module, params: list[tuple[str, nn.Parameter]],
                          rec: _Recorder, n: int) -> dict[str, Tensor]:
-    """One module's per-example gradients from its recorded activations and backprops."""
-    if n == 0 or rec.activations is None or rec.backprops is None:
-        # not used in the loss (or an empty batch): every per-example gradient is zero
-        return {name: p.new_zeros((n, *p.shape)) for name, p in params}
-    if rec.backprops.shape[0] != n:
-        raise ValueError(
-            f"module {rec.name!r}: output batch dimension is {rec.backprops.shape[0]}, but there are "
-            f"{n} per-example losses; the batch must be the first dimension everywhere"
-        )
-    # Under autocast (train.precision = "bf16") activations and output gradients are bf16; the
-    # per-example gradients (and so their norms and the clipping) are computed in fp32 from them.
-    activations = [_fp32(a) for a in rec.activations]
-    grads = GradSampleModule.GRAD_SAMPLERS[type(module)](module, activations, _fp32(rec.backprops))
-    out = {}
-    for name, p in params:
-        if p not in grads:
-            raise RuntimeError(f"Opacus's grad sampler gave no per-example gradient for {name!r}")
-        out[name] = grads[p].to(p.dtype)
+    """One module's per-example gradients from its recorded activations and backprops,
+    summed over its calls (one call unless the module is reusable)."""
+    out = {name: p.new_zeros((n, *p.shape)) for name, p in params}
+    if n == 0:
+        return out  # an empty batch
+    for activations, backprops in zip(rec.activations, rec.backprops):
+        if backprops is None:
+            continue  # this call's output did not reach the loss: it adds nothing
+        if backprops.shape[0] != n:
+            raise ValueError(
+                f"module {rec.name!r}: output batch dimension is {backprops.shape[0]}, but there "
+                f"are {n} per-example losses; the batch must be the first dimension everywhere"
+            )
+        # Under autocast (train.precision = "bf16") activations and output gradients are bf16;
+        # the per-example gradients (so their norms and the clipping) are computed in fp32.
+        grads = GradSampleModule.GRAD_SAMPLERS[type(module)](
+            module, [_fp32(a) for a in activations], _fp32(backprops))
+        for name, p in params:
+            if p not in grads:
+                raise RuntimeError(f"Opacus's grad sampler gave no per-example gradient for {name!r}")
+            out[name] += grads[p].to(p.dtype)
     return out
 
 
