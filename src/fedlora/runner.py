@@ -173,6 +173,9 @@ def export_adapter(server: ServerSide, state: FederationState, path: Path,
     """
     glob, method = state.glob, server.method
     handle = server.handle
+    if not method.peft_export:
+        _export_mixture(server, glob, path, clients)
+        return
     handle.install(fold_center({**server.initial, **glob.tensors()}))
     handle.model.save_pretrained(str(path))
     if server.task is not None:
@@ -186,6 +189,22 @@ def export_adapter(server: ServerSide, state: FederationState, path: Path,
                 server.initial, client.personal, method.download(glob, client.cid), client.cid)))
             handle.model.save_pretrained(str(path.parent / "clients" / str(client.cid) / "adapter"))
     handle.install({**server.initial, **glob.tensors()})
+
+
+def _export_mixture(server: ServerSide, glob: GlobalState, path: Path,
+                    clients: Sequence[Client]) -> None:
+    """A mixture of experts (mole) has no PEFT form (its gate weighs the experts per token):
+    every tensor of the model goes to `mixture.safetensors` by state key, with μ folded into the
+    head — the shared experts with the initial (uniform) gate in `adapter/`, each client's own
+    model in `clients/<k>/adapter/`; `fedlora predict` / `evaluate` rebuild and load them."""
+    from fedlora.mixture import save_mixture
+
+    method = server.method
+    save_mixture(fold_center({**server.initial, **glob.tensors()}), path)
+    for client in clients:
+        own = method.client_state(server.initial, client.personal,
+                                  method.download(glob, client.cid), client.cid)
+        save_mixture(fold_center(own), path.parent / "clients" / str(client.cid) / "adapter")
 
 
 def base_change(glob: GlobalState) -> State:
