@@ -199,3 +199,12 @@ def test_inapplicable_combinations_are_refused(mole_overrides, extra, message):
 def test_a_causal_task_is_refused():
     with pytest.raises(ConfigError, match="'mole'.*classification"):
         load_config(None, ["method.name=mole", "task.kind=causal"])
+
+
+def test_an_audit_puts_its_canaries_only_where_the_audited_site_trains(exp):
+    from fedlora.audit.canaries import candidate_coordinates
+
+    pool = [k for k, _ in candidate_coordinates(exp.initial, exp.method, 2)]
+    assert pool and all(keys.is_head(k) or keys.is_expert_b(k) and keys.expert_of(k) == 2
+                        for k in pool)
+    assert any(keys.is_expert_b(k) for k in pool)

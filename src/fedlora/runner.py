@@ -224,7 +224,8 @@ def build_summary(server: ServerSide, state: FederationState, facts: list[dict],
     evaluated = [h for h in state.history if h.get("test_accuracy") is not None]
     final = evaluated[-1] if evaluated else {}
     shapes = server.handle.shapes()
-    trained = sum(math.prod(s) for k, s in shapes.items() if server.method.trainable(k, 0))
+    # what one client trains (client 0's: mole's clients each train their own expert)
+    trained = sum(math.prod(s) for k, s in shapes.items() if server.method.client_trains(k, 0, 0))
     column = lambda key: [c.get(key) for c in facts]  # noqa: E731
     return {
         "method": config.method.name,
