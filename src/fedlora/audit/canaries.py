@@ -42,7 +42,8 @@ def auditor_rng() -> np.random.Generator:
     return np.random.default_rng(secrets.randbits(128))
 
 
-def candidate_coordinates(state: State, method: Method, client: int | None = None) -> list[tuple[str, int]]:
+def candidate_coordinates(state: State, method: Method,
+                          client: int | None = None) -> list[tuple[str, int]]:
     """Keys (with their sizes) the server sees move: trained (by `client`, where clients train
     different tensors: mole's own expert) and uploaded from round 1 on.
     LoRA B entries when the method trains B (FFA-LoRA's only adapter factor), else any."""
