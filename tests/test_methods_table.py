@@ -19,6 +19,8 @@ from fedlora.experiment import build_experiment
 from fedlora.federation.simulation import InProcessTransport
 from fedlora.federation.wire import payload_bytes
 from fedlora.methods import available_methods, chain, keys, lowrank
+from fedlora.mixture import MIXTURE_FILE
+from fedlora.predict import _load_mixture
 
 METHODS = available_methods()
 #: what a method needs beyond its name: its rank, where it is defined at one (xgblora: 1)
@@ -90,7 +92,10 @@ def _exported_accuracy(exp, out, adapter_dir, evaluator):
     base = AutoModelForSequenceClassification.from_pretrained(exp.model_path, num_labels=2)
     if (out / "base_delta.safetensors").exists():
         apply_base_delta(base, out / "base_delta.safetensors")
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    if (adapter_dir / MIXTURE_FILE).exists():  # a mixture of experts (mole): no PEFT form
+        model = _load_mixture(base, adapter_dir / MIXTURE_FILE, exp.config).eval()
+    else:
+        model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     handle_model = evaluator.handle.model
     evaluator.handle.model = model
     try:

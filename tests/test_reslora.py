@@ -46,7 +46,7 @@ def _reslora_model(path, blocks, rank=4, alpha=2.0, seed=0):
     """The live training-time model, with random A *and B* (B = 0 would hide every shortcut)."""
     config = MethodConfig(name="reslora", rank=rank, alpha=alpha, reslora_blocks=blocks)
     model = attach_lora(load_classifier(str(path), 2, seed, "cls"), config, seed)
-    get_method(config).prepare_model(model)
+    get_method(config).extend_model(model, None)
     handle = AdapterHandle.of(model)
     gen = torch.Generator().manual_seed(seed + 1)
     handle.install({k: torch.randn(p.shape, generator=gen) * 0.3 for k, p in handle.params.items()})

@@ -151,6 +151,11 @@ class MethodConfig:
     galore_update_every: int = _f(4, "galore only: refresh each matrix's projection (SVD of its "
                                   "privatised gradient) every this many local steps")
     galore_scale: float = _f(0.25, "galore only: the scale α of the back-projected step (the paper's 0.25)")
+    mole_temperature: float = _f(1.0, "mole only: the temperature τ of each gate's softmax over the "
+                                 "experts (MoLE's gate: softmax(G·Norm([E_1; …; E_N])/τ))")
+    mole_balance: float = _f(0.01, "mole only: weight α of MoLE's gate-balancing loss −Σ_j log q_j "
+                             "(q_j: expert j's mean gate weight over one example's tokens and the "
+                             "layers; 0 = off)")
 
     @property
     def max_rank(self) -> int:
@@ -443,6 +448,14 @@ def validate(config: Config) -> None:
                "chain's merge is not a step of the adapter)")
     _check(m.galore_update_every >= 1, "method.galore_update_every must be ≥ 1, e.g. 4")
     _check(m.galore_scale > 0 and math.isfinite(m.galore_scale), "method.galore_scale must be a positive number")
+    _check(m.mole_temperature > 0 and math.isfinite(m.mole_temperature),
+           "method.mole_temperature must be a positive number, e.g. 1.0")
+    _check(m.mole_balance >= 0 and math.isfinite(m.mole_balance),
+           "method.mole_balance must be a finite number ≥ 0 (0 = no balancing loss), e.g. 0.01")
+    if m.name == "mole":
+        _check(c.task.kind == "classification", f"method.name 'mole' mixes its experts with a gate "
+               f"that reads each input, which a {c.task.kind} task's merged export cannot hold — "
+               "use task.kind=classification, or another method (e.g. method.name=fedsa)")
     if m.name == "galore":
         _check(c.train.optimizer == "adam", f"method.name 'galore' brings its own projected Adam — "
                f"set train.optimizer=adam (got '{c.train.optimizer}')")

@@ -145,9 +145,10 @@ def build_base(config: Config, num_labels: int = 0, method: Method | None = None
         enable_gradient_checkpointing(model)
     # the head and LoRA's A are drawn on the CPU from the run's seed (identical whatever the
     # device), then the whole model moves once; the handle is taken after the move
-    model = attach_lora(model, config.method, config.seed, task.peft_task_type).to(device)
+    model = attach_lora(model, config.method, config.seed, task.peft_task_type)
     method = method or get_method(config.method)
-    method.prepare_model(model)  # a structure of its own during training (ResLoRA's paths)
+    method.extend_model(model, config)  # before the handle reads the model's tensors
+    model = model.to(device)
     handle = AdapterHandle.of(model)
     return Base(model, handle, handle.state(), method, tokenizer, pad_id, model_path, task)
 
@@ -163,7 +164,7 @@ def pad_id_of(tokenizer) -> int:
 
 def build_trainer(config: Config, base: Base) -> LocalTrainer:
     return LocalTrainer(base.model, base.method, config.train, config.federation.local_steps,
-                        base.pad_id, base.initial, loss=base.task.loss)
+                        base.pad_id, base.initial, loss=base.method.example_loss(base.task.loss))
 
 
 def build_client(config: Config, cid: int, token_ids: list[list[int]], labels: list[int]) -> Client:

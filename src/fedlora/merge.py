@@ -55,6 +55,7 @@ def merge_run(run: str | Path, out: str | Path, client: int | None = None) -> Pa
         raise ConfigError(f"--out '{target}' exists — choose another folder, or delete it first")
     if not target.parent.is_dir():
         raise ConfigError(f"--out '{target}': folder '{target.parent}' does not exist — create it first")
+    _refuse_mixture(Path(run))
     clf = load_trained(run, client, device="cpu")
     base = clf.model.get_base_model()
     state = merged_classifier_state(clf.model)
@@ -68,6 +69,19 @@ def merge_run(run: str | Path, out: str | Path, client: int | None = None) -> Pa
         summary = json.loads((Path(run) / "summary.json").read_text(encoding="utf-8"))
         write_card(partial, clf.config, summary, base_model_name(clf.config.model.path), merged=True)
     return target
+
+
+def _refuse_mixture(run: Path) -> None:
+    """A mixture of experts cannot be folded into the weights: its gate weighs the experts by
+    each token's own input, so no single W0 + ΔW computes it."""
+    from fedlora.methods import method_class
+    from fedlora.predict import _read_run
+
+    config = _read_run(run)[1]
+    if not method_class(config.method.name).peft_export:
+        raise ConfigError(f"'{run}' is a mixture of LoRA experts ({config.method.name}): its gate "
+                          "weighs the experts differently for every token, so no merged weight "
+                          "computes it — use fedlora predict or fedlora evaluate with --client K")
 
 
 def _write_plain(base, state: dict, folder: Path, names: dict[int, str]) -> None:

@@ -29,6 +29,7 @@ from fedlora.device import resolve_device, to_device
 from fedlora.errors import ConfigError, DataError
 from fedlora.experiment import pad_id_of
 from fedlora.fsutil import atomic_write_bytes
+from fedlora.mixture import MIXTURE_FILE
 
 
 @dataclass
@@ -62,10 +63,34 @@ def load_trained(run: str | Path, client: int | None = None, device: str = "auto
                           "written by an older fedlora — run it again to predict with it")
     path = resolve_model_path(config.model.path)
     base = load_classifier(path, len(names), config.seed, config.model.pooling)
+    if (adapter / MIXTURE_FILE).exists():
+        model = _load_mixture(base, adapter / MIXTURE_FILE, config)
+        return TrainedClassifier(model.eval().to(resolve_device(device)), load_tokenizer(path),
+                                 list(names), config)
     if (folder / "base_delta.safetensors").exists():
         apply_base_delta(base, folder / "base_delta.safetensors")
     model = PeftModel.from_pretrained(base, str(adapter)).eval().to(resolve_device(device))
     return TrainedClassifier(model, load_tokenizer(path), list(names), config)
+
+
+def _load_mixture(base, file: Path, config: Config):
+    """A mixture of experts (mole): the run's model rebuilt as training built it (LoRA, then the
+    method's experts and gates), then every exported tensor installed by its state key."""
+    from safetensors.torch import load_file
+
+    from fedlora.methods import get_method
+    from fedlora.model import AdapterHandle, attach_lora
+
+    model = attach_lora(base, config.method, config.seed)
+    get_method(config.method).extend_model(model, config)
+    handle = AdapterHandle.of(model)
+    state = load_file(str(file))
+    unknown = sorted(set(state) - set(handle.shapes()))
+    if unknown:
+        raise ConfigError(f"{file}: {unknown[:2]} are not tensors of the model its config.toml "
+                          "builds — the run folder's files do not belong together")
+    handle.install(state)
+    return model
 
 
 def _read_run(folder: Path) -> tuple[dict, Config]:
@@ -93,7 +118,7 @@ def _adapter_folder(folder: Path, summary: dict, config: Config, client: int | N
     if not personalised and client is not None:
         raise ConfigError(f"'{folder}' trained one shared model — drop --client")
     adapter = folder / "adapter" if client is None else folder / "clients" / str(client) / "adapter"
-    if not (adapter / "adapter_config.json").exists():
+    if not (adapter / "adapter_config.json").exists() and not (adapter / MIXTURE_FILE).exists():
         where = "its sites keep their own adapters (Flower)" if client is not None else "incomplete"
         raise ConfigError(f"'{adapter}' holds no adapter ({where}) — give a run folder with it")
     return adapter

@@ -175,6 +175,9 @@ def export_adapter(server: ServerSide, state: FederationState, path: Path,
     """
     glob, method = state.glob, server.method
     handle = server.handle
+    if not method.peft_export:
+        _export_mixture(server, glob, path, clients)
+        return
     handle.install(fold_center({**server.initial, **glob.tensors()}))
     handle.model.save_pretrained(str(path))
     method.finish_export(path)  # e.g. ResLoRA's residual paths merged into plain LoRA
@@ -191,6 +194,22 @@ def export_adapter(server: ServerSide, state: FederationState, path: Path,
             handle.model.save_pretrained(str(own))
             method.finish_export(own)
     handle.install({**server.initial, **glob.tensors()})
+
+
+def _export_mixture(server: ServerSide, glob: GlobalState, path: Path,
+                    clients: Sequence[Client]) -> None:
+    """A mixture of experts (mole) has no PEFT form (its gate weighs the experts per token):
+    every tensor of the model goes to `mixture.safetensors` by state key, with μ folded into the
+    head — the shared experts with the initial (uniform) gate in `adapter/`, each client's own
+    model in `clients/<k>/adapter/`; `fedlora predict` / `evaluate` rebuild and load them."""
+    from fedlora.mixture import save_mixture
+
+    method = server.method
+    save_mixture(fold_center({**server.initial, **glob.tensors()}), path)
+    for client in clients:
+        own = method.client_state(server.initial, client.personal,
+                                  method.download(glob, client.cid), client.cid)
+        save_mixture(fold_center(own), path.parent / "clients" / str(client.cid) / "adapter")
 
 
 def base_change(glob: GlobalState) -> State:
@@ -210,7 +229,8 @@ def build_summary(server: ServerSide, state: FederationState, facts: list[dict],
     evaluated = [h for h in state.history if h.get("test_accuracy") is not None]
     final = evaluated[-1] if evaluated else {}
     shapes = server.handle.shapes()
-    trained = sum(math.prod(s) for k, s in shapes.items() if server.method.trainable(k, 0))
+    # what one client trains (client 0's: mole's clients each train their own expert)
+    trained = sum(math.prod(s) for k, s in shapes.items() if server.method.client_trains(k, 0, 0))
     column = lambda key: [c.get(key) for c in facts]  # noqa: E731
     return {
         "method": config.method.name,

@@ -42,10 +42,14 @@ def auditor_rng() -> np.random.Generator:
     return np.random.default_rng(secrets.randbits(128))
 
 
-def candidate_coordinates(state: State, method: Method) -> list[tuple[str, int]]:
-    """Keys (with their sizes) the server sees move: trained and uploaded from round 1 on.
+def candidate_coordinates(state: State, method: Method,
+                          client: int | None = None) -> list[tuple[str, int]]:
+    """Keys (with their sizes) the server sees move: trained (by `client`, where clients train
+    different tensors: mole's own expert) and uploaded from round 1 on.
     LoRA B entries when the method trains B (FFA-LoRA's only adapter factor), else any."""
-    seen = [k for k in sorted(state) if method.trainable(k, 0) and method.communicated(k)
+    trains = (lambda k: method.trainable(k, 0)) if client is None \
+        else (lambda k: method.client_trains(k, 0, client))  # noqa: E731
+    seen = [k for k in sorted(state) if trains(k) and method.communicated(k)
             and not state_keys.is_statistic(k)]
     b = [k for k in seen if state_keys.is_lora_b(k)]
     return [(k, state[k].numel()) for k in (b or seen)]
@@ -71,7 +75,7 @@ class GradientCanaries:
              rng: np.random.Generator, broken: str | None = None) -> "GradientCanaries":
         """m distinct coordinates at random among `candidate_coordinates`, each included with
         probability ½, all from the auditor's `rng`."""
-        pool = candidate_coordinates(state, method)
+        pool = candidate_coordinates(state, method, client)
         total = sum(n for _, n in pool)
         if m > total:
             raise ValueError(f"{m} canaries but only {total} trained coordinates")

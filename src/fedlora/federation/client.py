@@ -124,7 +124,7 @@ class LocalTrainer:
                                         f"(ε={privacy.spent():.3f} of {privacy.epsilon}); it stops")
         local, losses = self._local_round(client, download, round)
         client.personal = {k: v for k, v in local.items() if self.method.personal(k)}
-        upload = lowrank.slice_to_rank(self.method.upload(local, round),
+        upload = lowrank.slice_to_rank(self.method.upload(local, round, client.cid),
                                        self.method.client_rank(client.cid))
         loss = float(sum(losses) / len(losses)) if losses else math.nan
         self._release(client, round, digest, upload, loss)
@@ -139,7 +139,7 @@ class LocalTrainer:
         rank = self.method.client_rank(client.cid)
         self.handle.install(self.method.client_state(self.initial, client.personal, download,
                                                      client.cid))
-        keys = self.handle.set_trainable(lambda k: self.method.trainable(k, round))
+        keys = self.handle.set_trainable(lambda k: self.method.client_trains(k, round, client.cid))
         # a rank-r_k client on the rank-r_max model: coordinates beyond r_k stay exactly zero
         masked = {k: self.handle.param(k) for k in keys} if rank < self.method.max_rank else {}
         optimizer = self._optimizer(keys)

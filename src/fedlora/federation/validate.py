@@ -39,7 +39,7 @@ class UpdateValidator:
         """Key → (shape, dtype) of what `client` must upload in `round`."""
         key = (client, round)
         if key not in self._cache:
-            upload = self.method.upload(self.template, round)
+            upload = self.method.upload(self.template, round, client)
             sliced = lowrank.slice_to_rank(upload, self.method.client_rank(client))
             self._cache = {key: {k: (v.shape, v.dtype) for k, v in sliced.items()}}  # one round kept
         return self._cache[key]

@@ -94,6 +94,9 @@ class Method:
     #: does a client train one LoRA (A, B) pair per layer, all at one rank (either factor may
     #: be frozen)? What `train.optimizer = "lora_pro" | "lora_rite"` need (`fedlora.optim`)
     lora_pairs: ClassVar[bool] = True
+    #: is its model a PEFT LoRA adapter (exported to `adapter/` for `PeftModel.from_pretrained`)?
+    #: False for a mixture of experts: its gate has no PEFT form (`fedlora.mixture`)
+    peft_export: ClassVar[bool] = True
     #: the paper, for the README's table and `fedlora methods`
     paper: ClassVar[str] = ""
 
@@ -107,8 +110,24 @@ class Method:
         return None
 
     def trainable(self, key: str, round: int) -> bool:
-        """Does a client train tensor `key` in round `round` (0-based)?"""
+        """Does a client train tensor `key` in round `round` (0-based)? (For methods whose
+        clients train different tensors: does some client train it.)"""
         raise NotImplementedError
+
+    def client_trains(self, key: str, round: int, client: int) -> bool:
+        """Does client `client` train `key` in round `round`? The same for every client unless
+        a method gives each its own tensors (mole: each client its own expert)."""
+        return self.trainable(key, round)
+
+    # -- the model and the loss ----------------------------------------------------------
+    def extend_model(self, model, config) -> None:
+        """Give the PEFT model the method's own training-time structure, once per process, right
+        after LoRA is attached and before its tensors are read: mole adds its experts and gates,
+        reslora its residual paths. `config` is the run's `Config`. Nothing by default."""
+
+    def example_loss(self, loss):
+        """The per-example training loss from the task's (mole adds its gate-balancing term)."""
+        return loss
 
     def communicated(self, key: str) -> bool:
         """Does tensor `key` ever cross the wire? Others are derived locally (e.g. A from a seed)."""
@@ -125,10 +144,6 @@ class Method:
         return self.always_personalised or self.config.head == "local"
 
     # -- the model's structure and its export ------------------------------------------
-    def prepare_model(self, model) -> None:
-        """Change the LoRA model's training-time structure; called once per process, right
-        after LoRA is attached (default: none; ResLoRA adds its residual paths)."""
-
     def finish_export(self, folder) -> None:
         """Turn the PEFT adapter just saved to `folder` into the one a user loads, computing the
         same outputs as the training-time model (default: as saved; ResLoRA merges its residual
@@ -192,10 +207,12 @@ class Method:
         adapter, links = chain.close_link(glob.adapter, glob.links, self.scaling)
         return replace(glob, adapter=adapter, links=links)
 
-    def upload(self, local: State, round: int) -> State:
-        """What a client sends after local training: the shared tensors it trained."""
+    def upload(self, local: State, round: int, client: int | None = None) -> State:
+        """What client `client` sends after local training: the shared tensors it trained."""
+        trained = (lambda k: self.trainable(k, round)) if client is None \
+            else (lambda k: self.client_trains(k, round, client))  # noqa: E731
         return {k: v for k, v in local.items()
-                if self.trainable(k, round) and self._shared(k) and not chain.is_link(k)}
+                if trained(k) and self._shared(k) and not chain.is_link(k)}
 
     def aggregate(self, glob: GlobalState, updates: list[Update], round: int) -> GlobalState:
         """FedAvg: each uploaded tensor becomes the example-weighted mean over clients.

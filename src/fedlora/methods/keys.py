@@ -18,6 +18,30 @@ def is_lora_b(key: str) -> bool:
     return ".lora_B." in key
 
 
+def is_expert_a(key: str) -> bool:
+    """Expert j's A in a mixture of LoRA experts (`fedlora.mixture`, method mole)."""
+    return ".lora_expert_A." in key
+
+
+def is_expert_b(key: str) -> bool:
+    return ".lora_expert_B." in key
+
+
+def is_expert(key: str) -> bool:
+    return is_expert_a(key) or is_expert_b(key)
+
+
+def expert_of(key: str) -> int:
+    """`….lora_expert_B.3.weight` → 3: which expert a factor belongs to."""
+    part = ".lora_expert_A." if is_expert_a(key) else ".lora_expert_B."
+    return int(key.split(part, 1)[1].split(".", 1)[0])
+
+
+def is_gate(key: str) -> bool:
+    """A mixture's gate G (`fedlora.mixture`): it reads the experts' outputs, never a head."""
+    return ".lora_gate." in key
+
+
 def is_base(key: str) -> bool:
     """A change Δ to a frozen pre-trained weight (W = W0 + Δ)."""
     return key.startswith(BASE)
@@ -31,7 +55,8 @@ def is_statistic(key: str) -> bool:
 
 def is_head(key: str) -> bool:
     """The task head (PEFT's `modules_to_save`, e.g. BERT's `classifier`)."""
-    return not is_lora_a(key) and not is_lora_b(key) and not is_base(key) and not is_statistic(key)
+    return not (is_lora_a(key) or is_lora_b(key) or is_base(key) or is_statistic(key)
+                or is_expert(key) or is_gate(key))
 
 
 def statistic_key(buffer_name: str) -> str:

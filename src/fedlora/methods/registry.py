@@ -37,6 +37,6 @@ def _load_builtin() -> None:
     # Importing a method module registers it; one import line per method file.
     from fedlora.methods import ffa, lora  # noqa: F401
     from fedlora.methods import fair, fedex, fedsa, fedsvd, flexlora, flora, full, galore, head  # noqa: F401
-    from fedlora.methods import hetlora  # noqa: F401
+    from fedlora.methods import hetlora, mole  # noqa: F401
     from fedlora.methods import reslora, rolora  # noqa: F401
     from fedlora.methods import xgblora  # noqa: F401

@@ -38,7 +38,7 @@ class ResLoRA(Method):
     def trainable(self, key: str, round: int) -> bool:
         return not keys.is_base(key)
 
-    def prepare_model(self, model) -> None:
+    def extend_model(self, model, config) -> None:
         residual.install_paths(model, self.config.reslora_blocks)
 
     def finish_export(self, folder) -> None:
