@@ -282,7 +282,9 @@ class LocalTrainer:
         # exact) and the noise is drawn once: per-example gradients of one micro-batch at a time
         # are in memory, which is what makes DP full fine-tuning fit.
         summed = {n: torch.zeros_like(p) for n, p in zip(names, params)}
-        total = 0.0
+        # the loss is summed on the device and read once per step: a host synchronisation per
+        # micro-batch would stall a GPU (the same float64 sum of the same float32 parts)
+        total = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
         for idx in chunks:
             value = {}
 
@@ -293,7 +295,7 @@ class LocalTrainer:
             clipped, _ = clip_and_sum(per_sample_gradients(self.model, loss_fn), clip)
             for name in names:
                 summed[name] += clipped[name]
-            total += float(value["losses"].detach().sum())
+            total += value["losses"].detach().sum().double()
         if audit is not None:  # canaries join the sum as examples do, before the noise
             audit.add(summed, {k: self.names[k] for k in keys}, privacy.sample_rate,
                       privacy.clip, canary)
@@ -306,16 +308,16 @@ class LocalTrainer:
             if name in drawn:
                 grad = grad + drawn[name].to(grad)
             p.grad = grad / expected
-        return total / len(batch_idx) if batch_idx else None
+        return float(total) / len(batch_idx) if batch_idx else None
 
     def _plain_step(self, client: Client, chunks: list[list[int]], n: int) -> float | None:
         """Non-private: the mean loss over the batch, accumulated over micro-batches."""
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64)
         for idx in chunks:
             losses = self.per_example_loss(client, idx)
             (losses.sum() / n).float().backward()
-            total += float(losses.detach().sum())
-        return total / n if n else None
+            total = total.to(losses.device) + losses.detach().sum().double()  # read once, below
+        return float(total) / n if n else None
 
     def _micro_batches(self, client: Client, batch_idx: list[int]) -> list[list[int]]:
         """At most `micro_batch_size` examples each, grouped by length for little padding."""
