@@ -21,6 +21,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict  # noqa: 
 from safetensors.torch import load_file  # noqa: E402
 
 import fedlora  # noqa: E402
+from fedlora.mixture import MIXTURE_FILE  # noqa: E402
 from fedlora.config import load_config  # noqa: E402
 from fedlora.errors import ConfigError, FederationError  # noqa: E402
 from fedlora.federation.client import ClientReply  # noqa: E402
@@ -178,11 +179,14 @@ def _run_config(config, tmp_path) -> dict:
     return tomllib.loads((folder / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
-@pytest.mark.parametrize("extra", [[], ["method.name=fedsvd"], ["method.chain_every=1"]],
-                         ids=["ffa", "fedsvd", "ffa-chained"])
+@pytest.mark.parametrize("extra", [[], ["method.name=fedsvd"], ["method.chain_every=1"],
+                                   ["method.name=xgblora", "method.rank=1"], ["method.name=reslora"],
+                                   ["federation.server_optimizer=adam", "federation.server_lr=0.05"]],
+                         ids=["ffa", "fedsvd", "ffa-chained", "xgblora", "reslora", "fedadam"])
 def test_flower_transport_matches_the_simulation(tiny_overrides, tmp_path, extra):
-    """Node ids are arbitrary; partition ids decide which client a node is. FedSVD's A and a
-    chain's links travel in the downloads like any tensor."""
+    """Node ids are arbitrary; partition ids decide which client a node is. FedSVD's A, a
+    chain's (and XGBLoRA's) links travel in the downloads like any tensor; ResLoRA's paths are
+    built on every site; FedAdam's moments stay on the server."""
     config = load_config(None, tiny_overrides + extra)
     grid = MemoryGrid({9001: {"partition-id": 2, "num-partitions": 3},
                        17: {"partition-id": 0, "num-partitions": 3},
@@ -204,10 +208,11 @@ def test_flower_transport_matches_the_simulation(tiny_overrides, tmp_path, extra
     assert len(list((tmp_path / "sites").glob("node-*/run-*/ledger.json"))) == 3
 
 
-def test_personalised_method_is_scored_by_the_sites(tiny_overrides, tmp_path):
-    """fedsa keeps B and the head at each site; each site scores its own model on its own
-    held-out part — the same numbers as the simulation's per-client evaluation."""
-    config = load_config(None, tiny_overrides + ["method.name=fedsa"])
+@pytest.mark.parametrize("method", ["fedsa", "mole"])
+def test_personalised_method_is_scored_by_the_sites(tiny_overrides, tmp_path, method):
+    """fedsa keeps B and the head at each site, mole its gates; each site scores its own model
+    on its own held-out part — the same numbers as the simulation's per-client evaluation."""
+    config = load_config(None, tiny_overrides + [f"method.name={method}"])
     grid = MemoryGrid({k + 10: {"partition-id": k, "num-partitions": 3} for k in range(3)},
                       _run_config(config, tmp_path), tmp_path / "sites")
     summary, out, _ = _flower_in_memory(config, tmp_path, grid)
@@ -215,9 +220,10 @@ def test_personalised_method_is_scored_by_the_sites(tiny_overrides, tmp_path):
     for key in ("test_accuracy", "test_loss", "test_accuracy_per_client", "epsilon_per_client",
                 "bytes_uploaded", "client_sizes"):
         assert summary[key] == sim[key], key
-    ours = load_file(out / "adapter" / "adapter_model.safetensors")
-    theirs = load_file(tmp_path / "sim" / "adapter" / "adapter_model.safetensors")
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    name = MIXTURE_FILE if method == "mole" else "adapter_model.safetensors"
+    ours = load_file(out / "adapter" / name)
+    theirs = load_file(tmp_path / "sim" / "adapter" / name)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def _three_nodes(config, tmp_path) -> MemoryGrid:
