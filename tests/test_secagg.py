@@ -8,6 +8,7 @@ aggregation must receive one summed update, and the refusals must name their rea
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -34,7 +35,7 @@ from fedlora.runner import execute  # noqa: E402
 from test_flower import MemoryGrid, _run_config, task_identity  # noqa: E402,F401
 from test_method_properties import random_updates  # noqa: E402
 
-SECURE = ["federation.secure_aggregation=true", "federation.max_update_norm=1.0"]
+SECURE = ["federation.secure_aggregation=true", "federation.max_update_norm=5.0"]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,16 @@ class SecureGrid(MemoryGrid):
 
                 replies.append(Message(Error(code=5, reason="node unavailable"), reply_to=msg))
                 continue
-            replies.append(client_app.app(msg, self.contexts[node]))
+            # a copy, as if it had crossed the wire: the workflow sends one content to all
+            # nodes, and the mod edits what it receives
+            delivered = copy.deepcopy(msg)
+            delivered.metadata.__dict__["_message_id"] = msg.metadata.message_id
+            try:
+                replies.append(client_app.app(delivered, self.contexts[node]))
+            except Exception as err:  # as a ClientApp process answers: an error reply
+                from flwr.app import Error
+
+                replies.append(Message(Error(code=0, reason=f"{type(err)}:<'{err}'>"), reply_to=msg))
         return replies
 
     def _maybe_drop(self, msg):
@@ -107,10 +117,11 @@ def test_the_server_sees_one_sum_and_it_matches_the_plain_run(tiny_overrides, tm
     the plain one within the round's quantisation bound (+ float32 rounding); `aggregate` gets
     one update, the sum (client −1, n = Σ n_k). ε, steps and test accuracy are the plain run's."""
     config = load_config(None, tiny_overrides + SECURE)
-    plain_config = load_config(None, tiny_overrides + ["federation.max_update_norm=1.0"])
+    plain_config = load_config(None, tiny_overrides + ["federation.max_update_norm=5.0"])
     spy, plain_spy = [], []
     summary, records = _run(_grid(config, tmp_path), tmp_path, "secure", spy)
-    plain, _ = _run(_grid(plain_config, tmp_path / "p"), tmp_path, "plain", plain_spy)
+    plain, plain_records = _run(_grid(plain_config, tmp_path / "p"), tmp_path, "plain", plain_spy)
+    print(plain_records[0])
     sizes = summary["client_sizes"]
     assert [x for tag, x in spy if tag == "aggregate"] == [[(-1, sum(sizes))]] * 2
     assert [len(x) for tag, x in plain_spy if tag == "aggregate"] == [3, 3]
@@ -161,23 +172,25 @@ def test_too_few_sites_after_key_sharing_stop_the_run_resumably(tiny_overrides, 
 
 
 def test_an_update_beyond_the_range_is_an_error_not_a_clipped_value(tiny_overrides, tmp_path):
-    """max_update_norm far below the updates: every site refuses to send (RangeError), so the
-    round stops with the sites' reason instead of aggregating clipped values."""
+    """max_update_norm below the updates' norms (~1 here): every site refuses to send
+    (RangeError), so the round stops with the sites' reason instead of a clipped aggregate."""
     config = load_config(None, tiny_overrides + ["federation.secure_aggregation=true",
-                                                 "federation.max_update_norm=1e-9"])
+                                                 "federation.max_update_norm=0.5"])
     with pytest.raises(FederationError, match="secure-aggregation range"):
         _run(_grid(config, tmp_path), tmp_path, "secure")
 
 
-def test_masked_input_refuses_beyond_the_range():
+def test_a_site_checks_its_update_norm_before_masking():
+    """‖Δ‖₂ ≤ R passes (then no coordinate can be clipped); beyond it, an error, not a value."""
     q = Quantisation.choose(0.5, [10, 20, 30])
     summed = SummedUploads.__new__(SummedUploads)
-    summed.keys = lambda r: ["b"]
+    summed.keys = lambda r: ["a", "b"]
     summed.reference = lambda k, sent: sent[k]
-    sent = {"b": torch.zeros(2)}
-    assert summed.masked_input({"b": torch.tensor([0.5, -0.25])}, sent, 0, 1.0, q)[0].tolist() == [0.5, -0.25]
-    with pytest.raises(RangeError, match="0.6 > the secure-aggregation range 0.5"):
-        summed.masked_input({"b": torch.tensor([0.6, 0.0])}, sent, 0, 1.0, q)
+    sent = {"a": torch.ones(1), "b": torch.zeros(2)}
+    ok = summed.masked_input({"a": torch.tensor([1.3]), "b": torch.tensor([0.4, 0.0])}, sent, 0, q)
+    assert [a.tolist() for a in ok] == [pytest.approx([0.3]), pytest.approx([0.4, 0.0])]
+    with pytest.raises(RangeError, match="update norm 0.5099 exceeds the secure-aggregation range 0.5"):
+        summed.masked_input({"a": torch.tensor([1.1]), "b": torch.tensor([0.5, 0.0])}, sent, 0, q)
 
 
 def test_quantisation_fits_the_modulus_and_its_bound():

@@ -14,9 +14,10 @@ unmasking the sum, recovers
     Δ̄ = Σ_k q_k·Δ_k / Σ_k q_k  (+ rounding),   so the aggregate is   s + Δ̄,
 
 the method's weighted mean with weights q_k ∝ n_k. Flower clips a coordinate beyond ±R silently;
-here R = U, and every coordinate of w_k·Δ_k is at most ‖Δ_k‖₂ ≤ U (w_k ≤ 1), so no admissible
-update is clipped; a site whose update is beyond the range raises instead of sending
-(`masked_input`), and drops out of the round with that message.
+here R = U, and a site checks ‖Δ_k‖₂ ≤ U itself (the check the server makes of a plain upload)
+before it sends: then every coordinate of w_k·Δ_k is at most ‖Δ_k‖₂ ≤ U (w_k ≤ 1), so nothing is
+clipped; a site whose update is beyond the bound raises instead of sending (`masked_input`) and
+drops out of the round with that message.
 
 Levels and modulus. The masks live modulo M = 2³²; the unmasked sum of N sites' levels (each in
 [0, T]) and of their weights q_k ≤ T must stay below M, so T = min(2³⁰, ⌊(M − 1)/N⌋) (2³⁰ keeps
@@ -109,19 +110,19 @@ class SummedUploads:
         raise FederationError(f"{key} is uploaded but was never sent: it has no reference to "
                               "take the update from")
 
-    def masked_input(self, upload: State, sent: State, round: int, weight: float,
-                     q: Quantisation) -> list[np.ndarray]:
-        """Δ_k per key in `keys` order, as float64 arrays; raises `RangeError` (naming the worst
-        coordinate) if any |w_k·Δ_k| > R, which Flower would clip."""
-        arrays = []
-        for key in self.keys(round):
-            delta = upload[key].detach().to("cpu", torch.float64) - self.reference(key, sent).to("cpu", torch.float64)
-            worst = float(delta.abs().max()) * weight if delta.numel() else 0.0
-            if not worst <= q.range:
-                raise RangeError(f"round {round + 1}: the update of {key} reaches {worst:.4g} > the "
-                                 f"secure-aggregation range {q.range:g} (federation.max_update_norm)"
-                                 " — not sent; raise federation.max_update_norm")
-            arrays.append(delta.numpy())
+    def masked_input(self, upload: State, sent: State, round: int, q: Quantisation) -> list[np.ndarray]:
+        """Δ_k per key in `keys` order, as float64 arrays. Raises `RangeError` if ‖Δ_k‖₂ > R =
+        `federation.max_update_norm`: the check the server makes of a plain upload
+        (validate.py), made here because the server no longer sees Δ_k. Passing it, every
+        coordinate of w_k·Δ_k is within ±R (|w_k·Δ| ≤ |Δ| ≤ ‖Δ_k‖₂), so Flower clips nothing."""
+        arrays = [(upload[k].detach().to("cpu", torch.float64)
+                   - self.reference(k, sent).to("cpu", torch.float64)).numpy()
+                  for k in self.keys(round)]
+        norm = math.sqrt(sum(float((a * a).sum()) for a in arrays))
+        if not norm <= q.range:
+            raise RangeError(f"round {round + 1}: this site's update norm {norm:.4g} exceeds the "
+                             f"secure-aggregation range {q.range:g} (federation.max_update_norm) "
+                             "— not sent, it would be clipped; raise federation.max_update_norm")
         return arrays
 
     def zeros(self, round: int) -> list[np.ndarray]:

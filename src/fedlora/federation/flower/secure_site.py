@@ -52,8 +52,7 @@ def secure_content(site, reply, instruction: TrainInstruction, q: Quantisation):
     summed = SummedUploads(site.base.method, template_state(site.base.handle, site.base.initial))
     if reply.refused is None:
         try:
-            arrays = summed.masked_input(reply.upload, instruction.download(), instruction.round,
-                                         q.weight(reply.num_examples), q)
+            arrays = summed.masked_input(reply.upload, instruction.download(), instruction.round, q)
         except RangeError as err:
             log.error("site %d: %s", site.client.cid, err)
             raise
