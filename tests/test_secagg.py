@@ -51,6 +51,10 @@ class SecureGrid(MemoryGrid):
 
     drop_at: tuple[int, str, set[int]] | None = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.answered: list[Message] = []  # every reply a site sent
+
     def send_and_receive(self, msgs, *, timeout=None):
         replies = []
         for msg in msgs:
@@ -69,6 +73,7 @@ class SecureGrid(MemoryGrid):
             delivered.metadata.__dict__["_message_id"] = msg.metadata.message_id
             try:
                 replies.append(client_app.app(delivered, self.contexts[node]))
+                self.answered.append(replies[-1])
             except Exception as err:  # as a ClientApp process answers: an error reply
                 from flwr.app import Error
 
@@ -149,6 +154,21 @@ def test_a_site_lost_after_key_sharing_is_removed_from_the_sum(tiny_overrides, t
     assert records[1]["secure_aggregation"]["sites"] == [0, 1]
     assert set(records[1]["failed"]) == {"2"} and "node unavailable" in records[1]["failed"]["2"]
     assert summary["rounds"] == 2 and summary["steps"] == [4, 4, 2]
+    _assert_fields_documented(grid)
+
+
+def _assert_fields_documented(grid: SecureGrid) -> None:
+    """Every field of every reply a site sent in secure rounds is in SITE_FIELDS (and so in
+    docs/privacy.md, test_site_privacy.py): the masked vector, keys and shares, public facts."""
+    from fedlora.federation.flower import messages
+
+    allowed = set(messages.SITE_FIELDS["secure-train"]) | set(messages.SITE_FIELDS["query"])
+    fields = set()
+    for reply in grid.answered:
+        for record in [*reply.content.config_records.values(), *reply.content.metric_records.values()]:
+            fields |= set(record)
+        assert all(len(r) == 0 for r in reply.content.array_records.values())  # no plain upload
+    assert "masked_params" in fields and fields <= allowed, fields - allowed
 
 
 def test_too_few_sites_after_key_sharing_stop_the_run_resumably(tiny_overrides, tmp_path):
