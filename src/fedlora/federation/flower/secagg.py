@@ -115,8 +115,7 @@ class SummedUploads:
         `federation.max_update_norm`: the check the server makes of a plain upload
         (validate.py), made here because the server no longer sees Δ_k. Passing it, every
         coordinate of w_k·Δ_k is within ±R (|w_k·Δ| ≤ |Δ| ≤ ‖Δ_k‖₂), so Flower clips nothing."""
-        arrays = [(upload[k].detach().to("cpu", torch.float64)
-                   - self.reference(k, sent).to("cpu", torch.float64)).numpy()
+        arrays = [(_f64(upload[k]) - _f64(self.reference(k, sent))).numpy()
                   for k in self.keys(round)]
         norm = math.sqrt(sum(float((a * a).sum()) for a in arrays))
         if not norm <= q.range:
@@ -141,3 +140,7 @@ class SummedUploads:
             mean = ref.to("cpu", torch.float64) + torch.from_numpy(np.asarray(arr, dtype=np.float64))
             out[key] = mean.to(ref.dtype)
         return out
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float64)
