@@ -186,6 +186,7 @@ def _exchange(job: SecureRound, strategy, counted: CountingGrid, q: Quantisation
     for cid, why in sorted(failed.items()):
         job.say(f"round {job.round + 1}: client {cid} dropped out — {why}")
     replies.sort(key=lambda r: r.client)
+    in_sum.sort()
     summed = None
     if in_sum and strategy.mean is not None:
         sent = job.downloads[in_sum[0]]  # every site was sent the same shared tensors
