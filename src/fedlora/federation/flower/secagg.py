@@ -63,8 +63,9 @@ class Quantisation:
         sites, n_max the largest site, t = max(2, ⌈2N/3⌉) (a third may drop out)."""
         n = len(sizes)
         if n < 3 or min(sizes) < 1:
-            raise FederationError(f"secure aggregation needs at least 3 sites with examples "
-                                  f"(got sizes {sizes})")
+            raise FederationError(f"secure aggregation needs at least 3 sites with examples in "
+                                  f"a round; {n} can take part (sizes {sizes}) — restart the "
+                                  "missing SuperNodes and resume the run")
         levels = min(MAX_LEVELS, (MODULUS - 1) // n)
         return cls(float(max_update_norm), levels, MODULUS, max(sizes), max(2, math.ceil(2 * n / 3)), n)
 
