@@ -120,6 +120,11 @@ class FederationConfig:
     max_update_norm: float = _f(
         0.0, "reject an update whose L2 distance from what the client was sent exceeds this "
         "(0 = no bound)")
+    secure_aggregation: bool = _f(
+        False, "Flower only: each round's uploads are summed with SecAgg+ — the server sees "
+        "only the sites' weighted mean (docs/secure-aggregation.md); needs a method whose "
+        "aggregate is a function of that mean, federation.max_update_norm > 0 (the "
+        "quantisation range) and at least 3 sites per round")
     evaluate_initial: bool = _f(
         False, "also evaluate the starting model before round 1 (summary: 'initial')")
     server_optimizer: str = _f("avg", f"the server's step from the aggregate: {', '.join(SERVER_OPTIMIZERS)} "
@@ -446,6 +451,8 @@ def validate(config: Config) -> None:
                f"or corrects) — use federation.server_optimizer=avg or one of {', '.join(steppable)}")
         _check(not m.chain_every, "federation.server_optimizer needs method.chain_every=0 (a "
                "chain's merge is not a step of the adapter)")
+    if f.secure_aggregation:
+        _validate_secure_aggregation(c)
     _check(m.galore_update_every >= 1, "method.galore_update_every must be ≥ 1, e.g. 4")
     _check(m.galore_scale > 0 and math.isfinite(m.galore_scale), "method.galore_scale must be a positive number")
     _check(m.mole_temperature > 0 and math.isfinite(m.mole_temperature),
@@ -506,6 +513,29 @@ def validate(config: Config) -> None:
            "seeded: reproducible, for research)")
     _check(p.center_noise > 0 and math.isfinite(p.center_noise),
            "privacy.center_noise must be a positive number, e.g. 5 (or set model.center='off')")
+
+
+def _validate_secure_aggregation(c: Config) -> None:
+    """What SecAgg+ needs: an aggregate computable from the weighted mean of the uploads, one
+    shape of upload for every site, a bound that fixes the quantisation range, and enough sites
+    per round that the mean hides each one (Flower's SecAgg+ needs at least 3 shares)."""
+    from fedlora.methods import available_methods, method_class
+
+    f, m = c.federation, c.method
+    why = method_class(m.name).needs_each_upload
+    summable = [n for n in available_methods() if not method_class(n).needs_each_upload]
+    _check(not why, f"federation.secure_aggregation: method '{m.name}' cannot be aggregated from "
+           f"a sum of uploads — {why}; set federation.secure_aggregation=false or choose one of "
+           f"{', '.join(summable)}")
+    _check(not m.client_ranks, "federation.secure_aggregation needs one upload shape for every "
+           "site — remove method.client_ranks (or set federation.secure_aggregation=false)")
+    _check(f.max_update_norm > 0, "federation.secure_aggregation needs federation.max_update_norm "
+           "> 0, the bound every coordinate of an update is quantised within (e.g. 1.0; an "
+           "update beyond it is an error at the site, never silently clipped)")
+    per_round = f.clients_per_round or f.clients
+    _check(per_round >= 3, f"federation.secure_aggregation needs at least 3 sites per round (got "
+           f"{per_round}): with 2, each site learns the other's update from the mean — raise "
+           "federation.clients (or federation.clients_per_round)")
 
 
 def _validate_task(c: Config) -> None:

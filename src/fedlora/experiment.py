@@ -16,7 +16,7 @@ from fedlora.device import resolve_device
 from fedlora.data.pairs import PairDataset
 from fedlora.data.partition import label_counts, partition
 from fedlora.data.sources import TextDataset, split_holdout
-from fedlora.errors import DataError
+from fedlora.errors import ConfigError, DataError
 from fedlora.federation.centering import centering_enabled
 from fedlora.federation.client import Client, LocalTrainer
 from fedlora.federation.evaluate import (Evaluator, PersonalisedEvaluation, Subsampled,
@@ -205,6 +205,13 @@ def held_out_evaluator(config: Config, base: Base, dataset, positions: list[int]
 
 def build_experiment(config: Config) -> Experiment:
     """The in-process simulation: the server side and every client, in one process."""
+    if config.federation.secure_aggregation:
+        # refused, not simulated: the in-process server holds every client's data and state,
+        # so masking the uploads it sums would protect nothing and measure nothing real
+        raise ConfigError("federation.secure_aggregation is a deployment feature (Flower: "
+                          "`fedlora flower app ...` then `flwr run`); the in-process simulation's "
+                          "server is trusted and holds every client's data — set "
+                          "federation.secure_aggregation=false to simulate")
     task = get_task(config)
     dataset = load_data(config, task)
     method = get_method(config.method)

@@ -12,7 +12,9 @@ before it, an evaluator may score a fixed subset (`federation.eval_examples`, se
 `fedlora.federation.evaluate`) and says so in its scores (`test_examples`).
 
 A reply that fails validation never reaches `method.aggregate`: it is rejected and logged with
-the client's id; the round goes on with the others, or the run stops (`on_bad_update`).
+the client's id; the round goes on with the others, or the run stops (`on_bad_update`). Under
+secure aggregation (`Exchange.summed`) the server holds one reply, the weighted mean of the
+uploads: that is what is validated and what `method.aggregate` receives, as one update.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class Exchange:
     bytes_downloaded: int
     bytes_uploaded: int
     failed: dict[int, str] = field(default_factory=dict)
+    # secure aggregation (Flower's SecAgg+): the replies carry no upload; `summed` is the one
+    # upload the server sees, the weighted mean of the sites' uploads (None: nobody
+    # contributed), and `secure` says who is in it and how it was quantised
+    summed: ClientReply | None = None
+    secure: dict | None = None
 
 
 class Transport(Protocol):
@@ -136,7 +143,7 @@ def run_rounds(method: Method, state: FederationState, transport: Transport, pla
                 f"round {r + 1}: only {len(exchange.replies)} of {len(selected)} clients answered "
                 f"({_failures(exchange)}), fewer than federation.min_clients={plan.min_clients} — "
                 "restart the missing sites, or lower federation.min_clients")
-        accepted, rejected = _screen(exchange.replies, downloads, validator, r)
+        accepted, rejected = _screen_exchange(exchange, downloads, validator, r)
         lap("validate")
         if rejected and plan.on_bad_update == "stop":
             cid, reason = next(iter(rejected.items()))
@@ -242,6 +249,20 @@ def _screen(replies: list[ClientReply], downloads: dict[int, State],
     return accepted, rejected
 
 
+def _screen_exchange(exchange: Exchange, downloads: dict[int, State],
+                     validator: UpdateValidator | None, r: int):
+    """`_screen` of the replies, or — under secure aggregation — of the one summed reply: its
+    keys, shapes, dtypes, finiteness and (a bound on a mean is a bound on it) norm, checked
+    against what any selected client was sent (every client is sent the same shared tensors)."""
+    if exchange.secure is None:
+        return _screen(exchange.replies, downloads, validator, r)
+    if exchange.summed is None:
+        return [], {}
+    sent = downloads[exchange.secure["sites"][0]]
+    accepted, rejected = _screen([exchange.summed], {exchange.summed.client: sent}, validator, r)
+    return accepted, {"sum" if k == str(exchange.summed.client) else k: v for k, v in rejected.items()}
+
+
 def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -269,6 +290,7 @@ def _record(r, selected, exchange, accepted, rejected, state, scores, seconds) -
         "bytes_uploaded": exchange.bytes_uploaded,
         "bytes_downloaded": exchange.bytes_downloaded,
         "seconds": round(seconds, 3),
+        **({"secure_aggregation": exchange.secure} if exchange.secure is not None else {}),
     }
 
 

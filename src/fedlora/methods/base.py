@@ -88,6 +88,11 @@ class Method:
     #: is its aggregate a (weighted) mean of the uploads, i.e. a step from the previous state
     #: that a server optimizer (`federation.server_optimizer`) can take instead?
     averages: ClassVar[bool] = False
+    #: why its server step needs each site's upload rather than only their weighted mean
+    #: Σ_k p_k·u_k ("" = it does not: `aggregate` is a function of that mean, which is all
+    #: secure aggregation, `federation.secure_aggregation`, lets the server see). Every method
+    #: that `averages` qualifies, and so can one that post-processes the mean (FedSVD).
+    needs_each_upload: ClassVar[str] = ""
     #: does it train an adapter? False for `head` (only the task head): it needs a task with
     #: a trained head (not a causal LM) shared by the sites (not `method.head = "local"`)
     trains_adapter: ClassVar[bool] = True

@@ -27,6 +27,8 @@ class LoRAFAIR(FedIT):
 
     name = "fair"
     averages = False  # its server step does more than average (see the module docstring)
+    needs_each_upload = ("LoRA-FAIR's server needs each site's B_k·A_k (its "
+                         "target Σ p_k·B_k·A_k is a mean of products)")
     paper = "Bian et al., ICCV 2025, arXiv 2411.14961"
 
     def aggregate(self, glob: GlobalState, updates: list[Update], round: int) -> GlobalState:

@@ -22,6 +22,8 @@ class FedExLoRA(FedIT):
 
     name = "fedex"
     averages = False  # its server step does more than average (see the module docstring)
+    needs_each_upload = ("FedEx-LoRA's server needs each site's B_k·A_k (its residual Σ p_k·B_k·A_k − "
+                         "B̄·Ā is a mean of products, not a product of means)")
     paper = "Singhal et al., ACL 2025, arXiv 2410.09432"
     supports_chains = False  # it folds residuals into the base weights itself
 

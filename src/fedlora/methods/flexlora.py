@@ -20,6 +20,8 @@ class FlexLoRA(FedIT):
 
     name = "flexlora"
     averages = False  # its server step does more than average (see the module docstring)
+    needs_each_upload = ("FlexLoRA's server needs each site's B_k·A_k (the "
+                         "SVD of Σ p_k·B_k·A_k, a mean of products)")
     paper = "Bai et al., NeurIPS 2024, arXiv 2402.11505"
     supports_client_ranks = True
 

@@ -22,6 +22,7 @@ class FLoRA(FedIT):
 
     name = "flora"
     averages = False  # its server step does more than average (see the module docstring)
+    needs_each_upload = "FLoRA's server stacks each site's A_k and B_k side by side"
     paper = "Wang et al., NeurIPS 2024, arXiv 2409.05976"
     supports_chains = False  # it is a chain of one-round links already
     supports_client_ranks = True

@@ -27,6 +27,7 @@ class HetLoRA(FedIT):
 
     name = "hetlora"
     averages = False  # its server step does more than average (see the module docstring)
+    needs_each_upload = "HetLoRA weights each site by the norm of its own B_k·A_k"
     paper = "Cho et al., EMNLP 2024, arXiv 2401.06432"
     supports_chains = False  # its clients hold different ranks
     supports_client_ranks = True

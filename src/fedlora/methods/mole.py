@@ -37,6 +37,8 @@ class MoLE(Method):
     always_personalised = True
     supports_chains = False  # N experts and a gate are not one LoRA to merge
     averages = False  # each expert is replaced by its owner's upload, not averaged
+    needs_each_upload = ("MoLE's server keeps each site's expert B_k as that site sent it "
+                         "(each site uploads a different tensor: its own expert)")
     lora_pairs = False  # N experts per layer, not one (A, B) pair
     peft_export = False  # the gate has no PEFT form: exported as `mixture.safetensors`
 

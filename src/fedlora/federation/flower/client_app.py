@@ -28,6 +28,8 @@ from fedlora.errors import ConfigError  # noqa: E402
 from fedlora.federation.client import refusal  # noqa: E402
 from fedlora.federation.flower.messages import (RECORD, read_train, reply_record,  # noqa: E402
                                                 score_record, withheld_record)
+from fedlora.federation.flower.secure_site import (SECURE, read_secure_train,  # noqa: E402
+                                                   secure_content, size_record)
 from fedlora.federation.flower.runconfig import FlowerRun, read_run_config  # noqa: E402
 from fedlora.federation.flower.site import Site, client_id  # noqa: E402
 from fedlora.federation.flower.sitestate import SiteState, state_dir  # noqa: E402
@@ -44,26 +46,53 @@ def query(msg: Message, context: Context) -> Message:
     or — asked "center" — the site's answer to the DP feature-centring query."""
     record = msg.content.config_records[RECORD]
     if "ask" in record:
+        if str(record["ask"]) == "size":  # n_k (public), before a secure round fixes its weights
+            return _reply(msg, size_record(context.node_config, read_run_config(context.run_config)))
         if str(record["ask"]) != "center":
-            raise ConfigError(f"the server asked {record['ask']!r}; a site answers only 'center'")
-        return _answer(msg, context, int(record["client"]), list(record["label-names"]),
-                        int(record["checkpointed"]), None)
+            raise ConfigError(f"the server asked {record['ask']!r}; a site answers only 'center' "
+                              "or 'size'")
+        reply, site = _answer(context, int(record["client"]), list(record["label-names"]),
+                              int(record["checkpointed"]), None)
+        return _reply(msg, reply_record(reply, site.facts)[0])
     run = read_run_config(context.run_config)
     cid = client_id(context.node_config, run.config)
     return Message(RecordDict({RECORD: ConfigRecord({"client": cid})}), reply_to=msg)
 
 
-@app.train()
+def secure_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's `secaggplus_mod` for the messages of a secure round (they carry its configs);
+    any other message goes straight to the handler."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[secure_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the round the server asks for, continuing from this site's state on disk, on the
-    site's own terms (its node config): a run asking for more privacy spending is refused."""
-    instruction = read_train(msg.content.config_records[RECORD])
-    return _answer(msg, context, instruction.client, instruction.label_names,
-                    instruction.checkpointed, instruction)
+    site's own terms (its node config): a run asking for more privacy spending is refused.
+    In a secure round (the instruction comes as a legacy `fitins.config`) the reply is the
+    site's update for `secure_mod` to mask, with the site's public facts."""
+    if SECURE in msg.content.config_records:
+        instruction, q = read_secure_train(msg.content.config_records[SECURE])
+    else:
+        instruction, q = read_train(msg.content.config_records[RECORD]), None
+    reply, site = _answer(context, instruction.client, instruction.label_names,
+                          instruction.checkpointed, instruction)
+    if q is None:
+        return _reply(msg, reply_record(reply, site.facts)[0])
+    return Message(secure_content(site, reply, instruction, q), reply_to=msg)
 
 
-def _answer(msg: Message, context: Context, cid: int, label_names: list[str],
-             checkpointed: int, instruction) -> Message:
+def _reply(msg: Message, record: dict) -> Message:
+    return Message(RecordDict({RECORD: ConfigRecord(record)}), reply_to=msg)
+
+
+def _answer(context: Context, cid: int, label_names: list[str], checkpointed: int,
+            instruction) -> tuple:
     """A training round (`instruction`) or, with none, the centring query: on the site's terms,
     from its state on disk, its ledger written before the reply leaves."""
     run = read_run_config(context.run_config)
@@ -91,8 +120,7 @@ def _answer(msg: Message, context: Context, cid: int, label_names: list[str],
                     store.save(instruction.round, site.client)
                     log.info("site %d, %s: local training loss %.4f (kept on the site)",
                              site.client.cid, what, reply.train_loss)
-    content, _ = reply_record(reply, site.facts)
-    return Message(RecordDict({RECORD: ConfigRecord(content)}), reply_to=msg)
+    return reply, site
 
 
 @app.evaluate()

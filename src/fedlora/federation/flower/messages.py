@@ -26,7 +26,8 @@ RECORD = "fedlora"
 # the site's DP mechanism and counted in its ε. "public": a function of the config, of what the
 # server sent, or of n_k, which the threat model treats as public (docs/privacy.md).
 SITE_FIELDS: dict[str, dict[str, str]] = {
-    "query": {"client": "public: the client id from the node config"},
+    "query": {"client": "public: the client id from the node config",
+              "num-examples": "public: n_k, asked before a secure round fixes SecAgg+'s weights"},
     # the feature-centring query's answer: the fields of a training reply (below)
     "train": {
         "client": "public: the client id from the node config",
@@ -38,6 +39,24 @@ SITE_FIELDS: dict[str, dict[str, str]] = {
         "epsilon": "public: ε spent, a function of σ_k, q_k and the steps taken",
         "steps": "public: DP-SGD steps taken, a function of the config and the budget",
         "refused": "public: why the site sits a round out (its terms, its budget, a replay)",
+    },
+    # a secure round (federation.secure_aggregation): Flower's SecAgg+ stages, then the legacy
+    # train result whose metrics are the public facts of a train reply (no `upload`)
+    "secure-train": {
+        "pk1": "public: a SecAgg+ public key (for the pairwise masks)",
+        "pk2": "public: a SecAgg+ public key (for encrypting key shares)",
+        "dsts": "public: which sites the encrypted key shares are for",
+        "ctxts": "hidden: key shares encrypted for another site (the server cannot read them)",
+        "masked_params": "hidden: w_k·Δ_k quantised and masked; only the sum of all is unmasked",
+        "nids": "public: whose key shares follow (unmask stage)",
+        "shares": "hidden alone: shares of live sites' mask seeds and dropped sites' keys — the "
+                  "threshold of them rebuilds only what removes masks from the sum",
+        "num_examples": "public: n_k (0 if the site sat the round out), Flower's weight",
+        "client": "public: as in a train reply", "num-examples": "public: as in a train reply",
+        "noise-multiplier": "public: as in a train reply", "sample-rate": "public: as in a train reply",
+        "label-names": "public: as in a train reply", "epsilon": "public: as in a train reply",
+        "steps": "public: as in a train reply", "refused": "public: as in a train reply",
+        "code": "public: Flower's status code", "message": "public: Flower's status message",
     },
     "evaluate": {
         "client": "public: the client id from the node config",

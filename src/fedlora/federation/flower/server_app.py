@@ -36,6 +36,8 @@ from fedlora.experiment import (build_base, build_evaluators, evaluate_all, load
                                 split_data)
 from fedlora.federation import checkpoint as ckpt  # noqa: E402
 from fedlora.federation.flower.runconfig import FlowerRun, read_run_config  # noqa: E402
+from fedlora.federation.flower.secagg import SummedUploads  # noqa: E402
+from fedlora.federation.validate import template_state  # noqa: E402
 from fedlora.federation.flower.transport import FlowerTransport, personalised_evaluation  # noqa: E402
 from fedlora.methods import get_method  # noqa: E402
 from fedlora.tasks import get_task  # noqa: E402
@@ -93,7 +95,14 @@ def connect(grid, run: FlowerRun, say=_say) -> tuple[ServerSide, FlowerTransport
     """The server side and its transport, once enough sites have connected."""
     config = run.config
     server, label_names = build_server(config, run.test_path)
-    transport = FlowerTransport(grid, label_names, config.federation.clients, run.round_timeout, say=say)
+    f = config.federation
+    secure = None
+    if f.secure_aggregation:  # the server then holds the weighted mean of the uploads only
+        secure = SummedUploads(server.method, template_state(server.handle, server.initial))
+        say(f"secure aggregation (SecAgg+): the server sees only the sum of the sites' uploads; "
+            f"updates quantised within ±{f.max_update_norm:g} (federation.max_update_norm)")
+    transport = FlowerTransport(grid, label_names, f.clients, run.round_timeout, say=say,
+                                secure=secure, max_update_norm=f.max_update_norm)
     if server.method.personalised:
         server.evaluate = personalised_evaluation(transport, server.method, config.federation.clients)
     transport.connect(run.connect_timeout, config.federation.min_clients)

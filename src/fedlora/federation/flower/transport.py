@@ -6,6 +6,10 @@ disconnects (the SuperLink reports it unavailable once its heartbeats stop) or d
 within the round timeout is logged and listed in `Exchange.failed`; the round loop decides
 whether enough sites answered (`federation.min_clients`).
 
+With `federation.secure_aggregation` a round goes through Flower's SecAgg+ instead
+(secagg_server.py): the sites' uploads are masked, and the server receives only their weighted
+mean, as one reply; the sites' public facts (n_k, ε, steps) come with it.
+
 Which node serves which client is asked, not guessed: a `query` message to each new node
 returns the fedlora client id from its node config (`client-id` or `partition-id`), so a run
 matches the in-process simulation with the same seed and data whatever ids Flower assigns.
@@ -20,6 +24,7 @@ from typing import Callable
 from fedlora.errors import FederationError
 from fedlora.federation.flower.messages import (RECORD, SiteFacts, center_record, read_reply,
                                                 train_record)
+from fedlora.federation.flower.secagg import SummedUploads
 from fedlora.federation.server import Exchange
 from fedlora.federation.wire import encode_state
 from fedlora.methods.base import State
@@ -29,7 +34,10 @@ log = logging.getLogger("fedlora.flower")
 
 class FlowerTransport:
     def __init__(self, grid, label_names: list[str], num_clients: int, round_timeout: float,
-                 say: Callable[[str], None] = log.info):
+                 say: Callable[[str], None] = log.info, secure: SummedUploads | None = None,
+                 max_update_norm: float = 0.0):
+        """`secure`: sum each round's uploads with SecAgg+ (secagg_server.py), quantised within
+        ±`max_update_norm`; None: every site's upload comes to the server."""
         self.grid = grid
         self.label_names = list(label_names)
         self.num_clients = num_clients
@@ -42,6 +50,9 @@ class FlowerTransport:
         self.saved_rounds = 0  # rounds the last checkpoint holds (0: none); sites may forget them
         self.last_round = -1  # the latest round exchanged (personalised scores are of it)
         self.withheld: set[int] = set()  # sites that keep their personalised scores
+        self.secure = secure
+        self.max_update_norm = max_update_norm
+        self.sizes: dict[int, int] = {}  # n_k, asked before a secure round fixes its weights
 
     # ---------------------------------------------------------------- who is out there
     def connect(self, timeout: float, minimum: int) -> None:
@@ -103,7 +114,53 @@ class FlowerTransport:
         self.last_round = round
         records = {cid: train_record(round, cid, encode_state(state), self.label_names,
                                      self.saved_rounds) for cid, state in downloads.items()}
+        if self.secure is not None:
+            return self._secure_round(round, downloads, records)
         return self._send(MessageType.TRAIN, records, f"round {round + 1}")
+
+    def _secure_round(self, round: int, downloads: dict[int, State], records: dict[int, dict]) -> Exchange:
+        """The round through SecAgg+: the server gets the weighted mean of the uploads only."""
+        from fedlora.federation.flower.secagg_server import SecureRound, secure_round
+
+        self.discover()
+        failed = {c: "no SuperNode serves this client" for c in records if c not in self.nodes}
+        self.ask_sizes([c for c in records if c in self.nodes and c not in self.sizes], failed)
+        asked = {c: r for c, r in records.items() if c in self.sizes}
+        exchange = secure_round(self.grid, SecureRound(
+            round, downloads, asked, self.nodes, self.sizes, self.secure, self.max_update_norm,
+            self.round_timeout, self.say, failed, self.facts))
+        for reply in exchange.replies:
+            self.steps[reply.client] = reply.steps
+        return exchange
+
+    def ask_sizes(self, clients: list[int], failed: dict[int, str]) -> None:
+        """n_k of each of `clients` (public: docs/privacy.md), which fixes SecAgg+'s weights
+        before any site trains; a site that does not answer goes in `failed`."""
+        from flwr.app import MessageType
+
+        if not clients:
+            return
+        records = {cid: {"ask": "size", "client": cid} for cid in clients}
+        for cid, record in self._query(MessageType.QUERY, records).items():
+            if isinstance(record, str):
+                failed[cid] = record
+            else:
+                self.sizes[cid] = int(record["num-examples"])
+
+    def _query(self, kind: str, records: dict[int, dict]) -> dict[int, object]:
+        """Each record to its client's node: client → the reply's record, or why none came."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        messages = {cid: Message(RecordDict({RECORD: ConfigRecord(r)}), dst_node_id=self.nodes[cid],
+                                 message_type=kind) for cid, r in records.items()}
+        answers = list(self.grid.send_and_receive(list(messages.values()), timeout=self.round_timeout))
+        client_of = {m.metadata.message_id: cid for cid, m in messages.items()}
+        out: dict[int, object] = {cid: f"no answer within {self.round_timeout:g} s" for cid in records}
+        for msg in answers:
+            cid = client_of.get(msg.metadata.reply_to_message_id)
+            if cid is not None:
+                out[cid] = msg.error.reason if msg.has_error() else msg.content.config_records[RECORD]
+        return out
 
     def ask_center(self, clients: list[int]) -> Exchange:
         """The DP feature-centring query, a query message of its own: nothing goes down."""
