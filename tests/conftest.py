@@ -206,3 +206,31 @@ def interrupt_in_round(monkeypatch):
         monkeypatch.setattr(LocalTrainer, "train", train)
 
     return interrupt
+
+
+@pytest.fixture
+def predicted_test_loss(tmp_path):
+    """A callable: run folder → the mean cross-entropy of `fedlora predict`'s probabilities on
+    the run's own test split (the export's loss, to compare with the run's `test_loss`)."""
+    import csv
+    import math
+
+    from fedlora.cli import main
+    from fedlora.config import load_config
+    from fedlora.experiment import load_data, split_data
+    from fedlora.tasks import get_task
+
+    def loss(run: Path) -> float:
+        config = load_config(run / "config.toml")
+        data = load_data(config, get_task(config))
+        test = split_data(data, config).test
+        texts, out = tmp_path / "held-out.csv", tmp_path / "predicted.csv"
+        with texts.open("w", newline="") as f:
+            csv.writer(f).writerows([["text"]] + [[data.texts[i]] for i in test])
+        assert main(["predict", str(run), "--input", str(texts), "--out", str(out)]) == 0
+        with out.open() as f:
+            rows = list(csv.DictReader(f))
+        labels = [data.label_names[data.labels[i]] for i in test]
+        return -sum(math.log(float(r[f"p_{y}"])) for r, y in zip(rows, labels)) / len(labels)
+
+    return loss

@@ -4,9 +4,7 @@ same outputs, it runs federated under DP with LoRA's ε, and what cannot work is
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 import shutil
 
 import pytest
@@ -14,14 +12,11 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import fedlora
-from fedlora.cli import main
 from fedlora.config import MethodConfig, load_config
 from fedlora.errors import ConfigError
-from fedlora.experiment import load_data, split_data
 from fedlora.methods import get_method, residual
 from fedlora.model import AdapterHandle, attach_lora, load_classifier
 from fedlora.privacy.dpsgd import per_sample_gradients
-from fedlora.tasks import get_task
 
 A, B = ".lora_A.weight", ".lora_B.weight"
 
@@ -174,7 +169,8 @@ def overrides(tiny_model_dir, toy_csv):
             "federation.eval_examples=0", "privacy.noise=seeded"]
 
 
-def test_dp_run_accounts_like_lora_and_its_export_predicts_what_it_trained(overrides, tmp_path):
+def test_dp_run_accounts_like_lora_and_its_export_predicts_what_it_trained(overrides, tmp_path,
+                                                                         predicted_test_loss):
     """2 rounds under DP: ε is LoRA's (same σ, q, steps), the wire carries LoRA's payloads, and
     `fedlora predict` with the exported adapter reproduces the run's test loss (which the
     training-time model, shortcuts and all, computed)."""
@@ -188,18 +184,7 @@ def test_dp_run_accounts_like_lora_and_its_export_predicts_what_it_trained(overr
     assert ours["noise_multiplier"] == lora["noise_multiplier"]
     assert ours["bytes_uploaded"] == lora["bytes_uploaded"]
     assert ours["test_loss"] != lora["test_loss"]  # the shortcuts changed what was trained
-    config = load_config(run / "config.toml")
-    data = load_data(config, get_task(config))
-    test = split_data(data, config).test
-    with (tmp_path / "test.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([["text"]] + [[data.texts[i]] for i in test])
-    assert main(["predict", str(run), "--input", str(tmp_path / "test.csv"),
-                 "--out", str(tmp_path / "p.csv")]) == 0
-    with (tmp_path / "p.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    labels = [data.label_names[data.labels[i]] for i in test]
-    loss = -sum(math.log(float(r[f"p_{y}"])) for r, y in zip(rows, labels)) / len(labels)
-    assert loss == pytest.approx(ours["test_loss"], abs=1e-5)
+    assert predicted_test_loss(run) == pytest.approx(ours["test_loss"], abs=1e-5)
 
 
 @pytest.mark.parametrize("bad, why", [

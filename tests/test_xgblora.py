@@ -8,24 +8,19 @@ export against the run's own test loss (`fedlora predict`).
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
-import math
 
 import pytest
 import torch
 
 import fedlora
-from fedlora.cli import main
 from fedlora.config import load_config
 from fedlora.errors import ConfigError
-from fedlora.experiment import build_experiment, load_data, split_data
+from fedlora.experiment import build_experiment
 from fedlora.federation.wire import payload_bytes
 from fedlora.methods import chain, keys
 from fedlora.methods.base import Update
 from fedlora.methods.xgblora import in_booster
-from fedlora.tasks import get_task
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +131,8 @@ def test_xgblora_is_refused_where_it_cannot_work(overrides):
             load_config(None, overrides + bad)
 
 
-def test_a_private_xgblora_run_accounts_sends_rank_1_and_exports_what_it_trained(overrides, tmp_path):
+def test_a_private_xgblora_run_accounts_sends_rank_1_and_exports_what_it_trained(overrides, tmp_path,
+                                                                                 predicted_test_loss):
     run = tmp_path / "run"
     summary = fedlora.run(None, run, overrides=overrides + ["privacy.epsilon=2"], progress=None)
     assert summary["epsilon"] <= 2.0 + 1e-9 and summary["epsilon"] > 1.5
@@ -149,14 +145,4 @@ def test_a_private_xgblora_run_accounts_sends_rank_1_and_exports_what_it_trained
     assert summary["bytes_uploaded"] == 3 * 3 * payload_bytes(upload)
     # the export (merged boosters in base_delta + the last, fresh booster) predicts as the run tested
     assert (run / "base_delta.safetensors").exists()
-    data = load_data(config, get_task(config))
-    test = split_data(data, config).test
-    with (tmp_path / "test.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([["text"]] + [[data.texts[i]] for i in test])
-    assert main(["predict", str(run), "--input", str(tmp_path / "test.csv"),
-                 "--out", str(tmp_path / "p.csv")]) == 0
-    with (tmp_path / "p.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    labels = [data.label_names[data.labels[i]] for i in test]
-    loss = -sum(math.log(float(r[f"p_{y}"])) for r, y in zip(rows, labels)) / len(labels)
-    assert loss == pytest.approx(json.loads((run / "summary.json").read_text())["test_loss"], abs=1e-5)
+    assert predicted_test_loss(run) == pytest.approx(summary["test_loss"], abs=1e-5)
