@@ -34,9 +34,9 @@ def measure(overrides: list[str]) -> list[tuple[str, int, int]]:
             ups = []
             for c in exp.clients:
                 local = m.client_state(exp.initial, {}, m.download(glob, c.cid), c.cid)
-                moved = {k: v + 0.01 * torch.randn(v.shape, generator=gen) if m.trainable(k, round)
-                         else v for k, v in local.items()}
-                ups.append(lowrank.slice_to_rank(m.upload(_with_base(exp, m, moved, round), round),
+                moved = {k: v + 0.01 * torch.randn(v.shape, generator=gen)
+                         if m.client_trains(k, round, c.cid) else v for k, v in local.items()}
+                ups.append(lowrank.slice_to_rank(m.upload(_with_base(exp, m, moved, round), round, c.cid),
                                                  m.client_rank(c.cid)))
             if round == 0:
                 glob = m.aggregate(glob, [Update(c.cid, u, c.num_examples)
