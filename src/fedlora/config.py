@@ -25,6 +25,7 @@ OPTIMIZERS = ("sgd", "adam", "lora_pro", "lora_rite")
 LORA_OPTIMIZERS = ("lora_pro", "lora_rite")  # they need one (A, B) per layer: Method.lora_pairs
 SERVER_OPTIMIZERS = ("avg", "momentum", "adam")
 PRECISIONS = ("fp32", "bf16")
+WEIGHTINGS = ("examples", "inverse_noise")
 HEADS = ("shared", "local")
 ACCOUNTANTS = ("rdp", "prv", "pld")  # fedlora.privacy.epsilon.KINDS is this tuple
 NOISE = ("secret", "seeded")  # where DP randomness comes from: fedlora.privacy.randomness
@@ -131,6 +132,10 @@ class FederationConfig:
                                "(FedAvg, FedAvgM, FedAdam; post-processing, no ε cost)")
     server_lr: float = _f(1.0, "server learning rate η of momentum/adam (adam wants ~0.01-0.1)")
     server_momentum: float = _f(0.9, "β of the server's momentum (server_optimizer = momentum)")
+    weighting: str = _f("examples", "aggregation weights: examples (FedAvg, w_k ∝ n_k) or "
+                        "inverse_noise (w_k ∝ (q_k·n_k/σ_k)², the minimum-variance combination of "
+                        "the clients' DP noise; public facts only, no ε cost; for methods whose "
+                        "aggregate is a weighted mean, under DP)")
 
 
 @dataclass
@@ -443,6 +448,19 @@ def validate(config: Config) -> None:
                "remove method.client_ranks or set method.chain_every=0")
         _check(m.head == "shared", "method.chain_every needs a shared head (method.head='shared'): "
                "a local head is personal, the links are shared")
+    _check(f.weighting in WEIGHTINGS, f"federation.weighting must be one of {', '.join(WEIGHTINGS)}, "
+           f"got '{f.weighting}'")
+    if f.weighting == "inverse_noise":
+        weighable = [n for n in available_methods() if method_class(n).averages]
+        _check(method_class(m.name).averages, f"federation.weighting='inverse_noise': method "
+               f"'{m.name}' does not aggregate by a weighted mean — use federation.weighting="
+               f"examples or one of {', '.join(weighable)}")
+        _check(math.isfinite(c.privacy.epsilon), "federation.weighting='inverse_noise' weighs the "
+               "clients' DP noise, and privacy.epsilon=inf adds none — set a finite "
+               "privacy.epsilon or federation.weighting=examples")
+        _check(not f.secure_aggregation, "federation.weighting='inverse_noise' with "
+               "federation.secure_aggregation: the sites weigh their own updates by n_k before "
+               "masking — use federation.weighting=examples")
     if f.server_optimizer != "avg":
         steppable = [n for n in available_methods() if method_class(n).averages]
         _check(method_class(m.name).averages,

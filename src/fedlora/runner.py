@@ -72,7 +72,7 @@ def execute(server: ServerSide, transport: Transport, folder: RunFolder, say, st
                      f.min_clients, checkpoint_every=f.checkpoint_every,
                      on_bad_update=f.on_bad_update, center_dim=_center_dim(config, server.handle),
                      server_optimizer=ServerOptimizer(f.server_optimizer, f.server_lr,
-                                                      f.server_momentum))
+                                                      f.server_momentum), weighting=f.weighting)
     if saved is not None:
         state = ckpt.restore(saved, clients)
         say(f"resuming after round {saved.round} of {f.rounds} from {folder.partial}")

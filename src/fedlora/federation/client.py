@@ -24,6 +24,7 @@ from fedlora.model import AdapterHandle
 from fedlora.optim import build_optimizer
 from fedlora.federation import centering
 from fedlora.federation.timing import Timings, phase
+from fedlora.federation.weighting import noise_scale
 from fedlora.federation.wire import state_digest
 from fedlora.privacy.accountant import PrivacyAccountant
 from fedlora.privacy.dpsgd import clip_and_sum, gaussian_noise, per_sample_gradients
@@ -43,6 +44,8 @@ class ClientReply:
     steps: int
     train_loss: float
     refused: str | None = None
+    #: s_k = σ_k/(q_k·n_k), from the client's public facts (`federation.weighting`); None: no DP
+    noise_scale: float | None = None
 
 
 ExampleLoss = Callable[[nn.Module, list[list[int]], list[int], list[int], int], Tensor]
@@ -130,7 +133,7 @@ class LocalTrainer:
         self._release(client, round, digest, upload, loss)
         return ClientReply(client=client.cid, upload=upload, num_examples=client.num_examples,
                            epsilon=_spent_after(privacy, None), steps=client.steps,
-                           train_loss=loss)
+                           train_loss=loss, noise_scale=_noise_scale(client))
 
     def _local_round(self, client: Client, download: State, round: int) -> tuple[State, list]:
         """`local_steps` DP-SGD steps from the download: the adapter state after them, and the
@@ -210,7 +213,7 @@ class LocalTrainer:
         client.steps = seen["steps"]
         return ClientReply(client=client.cid, upload=upload, num_examples=client.num_examples,
                            epsilon=_spent_after(client.privacy, seen), steps=client.steps,
-                           train_loss=seen.get("loss", math.nan))
+                           train_loss=seen.get("loss", math.nan), noise_scale=_noise_scale(client))
 
     def answer_center_query(self, client: Client) -> ClientReply:
         """Answer the DP feature-centring query (`fedlora.federation.centering`), once: asked
@@ -342,6 +345,12 @@ def refusal(client: Client, reason: str) -> ClientReply:
     """The client's answer when it will not train: no upload, what it has spent, and why."""
     return ClientReply(client.cid, {}, client.num_examples, client.privacy.spent(),
                        client.steps, math.nan, refused=reason)
+
+
+def _noise_scale(client: Client) -> float | None:
+    """s_k = σ_k/(q_k·n_k) of a private client (public facts), None without DP."""
+    p = client.privacy
+    return noise_scale(p.noise_multiplier, p.sample_rate, client.num_examples) if p.enabled else None
 
 
 def _spent_after(privacy: ClientPrivacy, replayed: dict | None) -> float:

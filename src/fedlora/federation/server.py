@@ -30,6 +30,7 @@ from fedlora.errors import FederationError
 from fedlora.federation import centering
 from fedlora.federation.client import ClientReply
 from fedlora.federation.server_optimizer import ServerOptimizer, server_step
+from fedlora.federation.weighting import aggregation_weight
 from fedlora.federation.timing import Laps, Timings
 from fedlora.federation.validate import UpdateValidator
 from fedlora.methods.base import GlobalState, Method, State, Update
@@ -76,6 +77,7 @@ class RoundPlan:
     on_bad_update: str = "skip"  # or "stop"
     center_dim: int = 0  # > 0: run the DP feature-centring query for features of this size
     server_optimizer: ServerOptimizer = ServerOptimizer()  # the server's step (FedOpt)
+    weighting: str = "examples"  # the aggregation weights (`federation.weighting`)
 
 
 class UpdateRejected(FederationError):
@@ -150,7 +152,9 @@ def run_rounds(method: Method, state: FederationState, transport: Transport, pla
             raise UpdateRejected(f"round {r + 1}: the update of client {cid} was rejected ({reason}) "
                                  "— federation.on_bad_update='stop' ends the run; set it to 'skip' "
                                  "to go on without that client's update")
-        updates = [Update(rep.client, rep.upload, rep.num_examples) for rep in accepted]
+        updates = [Update(rep.client, rep.upload, rep.num_examples,
+                          aggregation_weight(plan.weighting, rep.client, rep.num_examples,
+                                             rep.noise_scale)) for rep in accepted]
         aggregate = method.aggregate(state.glob, updates, r)
         if updates:  # no update, no step: the state (and the buffers) stay as they are
             aggregate, state.server_buffers = server_step(plan.server_optimizer, state.glob,

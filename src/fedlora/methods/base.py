@@ -27,6 +27,8 @@ class Update:
     client: int
     state: State
     num_examples: int
+    #: the server's aggregation weight (`federation.weighting`); None: num_examples
+    weight: float | None = None
 
 
 @dataclass(frozen=True)
@@ -240,8 +242,9 @@ class Method:
     # -- helpers for aggregation rules ----------------------------------------------------
     @staticmethod
     def data_weights(updates: list[Update]) -> list[float]:
-        """p_k ∝ n_k, the clients' example counts."""
-        return [float(u.num_examples) for u in updates]
+        """p_k ∝ each update's weight: n_k, the clients' example counts, unless the server set
+        another (`federation.weighting`, `fedlora.federation.weighting`)."""
+        return [float(u.num_examples if u.weight is None else u.weight) for u in updates]
 
     def average_rest(self, glob: GlobalState, updates: list[Update], handled: set[str]) -> GlobalState:
         """FedAvg of every uploaded tensor not in `handled` (the head, typically)."""

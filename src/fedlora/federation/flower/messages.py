@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 from fedlora.federation.client import ClientReply
+from fedlora.federation.weighting import noise_scale
 from fedlora.federation.wire import decode_state, encode_state
 from fedlora.methods.base import State
 
@@ -157,4 +158,7 @@ def read_reply(record) -> tuple[ClientReply, SiteFacts, int]:
         train_loss=math.nan,  # never sent: the site's training loss stays in its own log
         refused=refused,
     )
-    return reply, read_facts(record), len(payload)
+    facts = read_facts(record)
+    if facts.noise_multiplier > 0:  # a private site: its public σ_k, q_k, n_k give s_k
+        reply.noise_scale = noise_scale(facts.noise_multiplier, facts.sample_rate, facts.num_examples)
+    return reply, facts, len(payload)
