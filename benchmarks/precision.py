@@ -24,7 +24,7 @@ from fedlora.config import load_config
 from fedlora.device import device_of
 from fedlora.experiment import build_client, build_experiment, build_trainer
 from fedlora.methods import get_method
-from throughput import _base, _fedlora, _floor, measure
+from throughput import _base, _fedlora, _floor, measure, rates_and_ratios
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -99,13 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {**summarise(runs, args.methods), "matmul_seconds": mm, "setup": info,
               "repeats": args.repeats, "steps": args.steps, "overrides": args.overrides,
               "machine": common.machine()}
-    wall, cpu = result["wall"], result["cpu"]
-    print(common.table(["contender", "examples/s (wall)", "examples/s (CPU)"],
-                       [(n, wall["examples_per_second"][n], cpu["examples_per_second"][n])
-                        for n in wall["examples_per_second"]]))
-    print()
-    print(common.table(["ratio (median over repeats)", "wall", "CPU"],
-                       [(k, v, cpu["ratios"][k]) for k, v in wall["ratios"].items()]))
+    print(rates_and_ratios(result))
     common.write_json(args.json, result)
     return 0
 

@@ -239,6 +239,18 @@ def summarise(runs: list[dict[str, Measure]], methods: list[str], reference: lis
     return out
 
 
+def rates_and_ratios(result: dict) -> str:
+    """The two tables every side-by-side speed benchmark prints: each contender's examples/s
+    (wall and CPU), and the ratios (medians over repeats)."""
+    wall, cpu = result["wall"], result["cpu"]
+    rates = common.table(["contender", "examples/s (wall)", "examples/s (CPU)"],
+                         [(n, wall["examples_per_second"][n], cpu["examples_per_second"][n])
+                          for n in wall["examples_per_second"]])
+    ratios = common.table(["ratio (median over repeats)", "wall", "CPU"],
+                          [(k, v, cpu["ratios"][k]) for k, v in wall["ratios"].items()])
+    return f"{rates}\n\n{ratios}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
@@ -260,13 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {**summarise(runs, args.methods, args.reference), "setup": info,
               "repeats": args.repeats, "steps": args.steps, "overrides": args.overrides,
               "machine": common.machine(), "targets": TARGETS}
-    wall, cpu = result["wall"], result["cpu"]
-    print(common.table(["contender", "examples/s (wall)", "examples/s (CPU)"],
-                       [(n, wall["examples_per_second"][n], cpu["examples_per_second"][n])
-                        for n in wall["examples_per_second"]]))
-    print()
-    print(common.table(["ratio (median over repeats)", "wall", "CPU"],
-                       [(k, v, cpu["ratios"][k]) for k, v in wall["ratios"].items()]))
+    print(rates_and_ratios(result))
     print(f"\nreal tokens / computed tokens: fedlora micro-batches {info['padding']['micro_batches']}, "
           f"padded to max_length {info['padding']['max_length']}")
     common.write_json(args.json, result)
