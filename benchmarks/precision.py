@@ -45,7 +45,10 @@ def matmul_seconds(dtype: torch.dtype, device: str, n: int = 512, d: int = 384, 
     return common.median(times[1:])
 
 
-def setup(overrides: list[str], threads: int, methods: list[str], steps: int, device: str):
+def setup(overrides: list[str], threads: int, methods: list[str], steps: int, device: str,
+          key: str = "precision", values: tuple[str, ...] = PRECISIONS, floor_varies: bool = True):
+    """Contenders for each method and each value of `train.<key>`: fedlora's DP step, and the
+    floor (for each value when `floor_varies`, else once: a key that only changes DP)."""
     config = load_config(None, [f"threads={threads}", f"device={device}", *overrides])
     exp = build_experiment(config)
     nodp = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, epsilon=float("inf")))
@@ -54,26 +57,32 @@ def setup(overrides: list[str], threads: int, methods: list[str], steps: int, de
         p.randomness = c.randomness
     contenders = {}
     for name in methods:
-        for precision in PRECISIONS:
-            cfg = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
+        for value in values:
+            cfg = dataclasses.replace(config, train=dataclasses.replace(config.train, **{key: value}))
             base = dataclasses.replace(_base(exp), method=get_method(dataclasses.replace(config.method, name=name)))
             trainer = build_trainer(cfg, base)
             trainer.local_steps = steps
-            contenders[f"floor {name} {precision}"] = _floor(trainer, plain)
-            contenders[f"fedlora {name}, DP, {precision}"] = _fedlora(trainer, exp.clients)
+            if floor_varies or value == values[0]:
+                contenders[f"floor {name}" + (f" {value}" if floor_varies else "")] = _floor(trainer, plain)
+            contenders[f"fedlora {name}, DP, {value}"] = _fedlora(trainer, exp.clients)
     return contenders, {"clients": [c.num_examples for c in exp.clients], "model": config.model.path,
                         "device": str(device_of(exp.model)), "batch_size": config.train.batch_size}
 
 
-def summarise(runs, methods: list[str]) -> dict:
+def summarise(runs, methods: list[str], values: tuple[str, ...] = PRECISIONS,
+              floor_varies: bool = True) -> dict:
+    """Median examples/s per contender, and each value's rate ÷ the first value's, per method."""
     out = {}
+    first = values[0]
     for clock in ("wall", "cpu"):
         rate = {n: [r[n].examples / getattr(r[n], clock) for r in runs] for n in runs[0]}
         ratios = {}
         for m in methods:
-            for kind in (f"fedlora {m}, DP, ", f"floor {m} "):
-                ratios[f"{kind.strip(', ')}: bf16 ex/s ÷ fp32 ex/s"] = common.median(
-                    [a / b for a, b in zip(rate[kind + "bf16"], rate[kind + "fp32"])])
+            kinds = [f"fedlora {m}, DP, "] + ([f"floor {m} "] if floor_varies else [])
+            for kind in kinds:
+                for value in values[1:]:
+                    ratios[f"{kind.strip(', ')}: {value} ex/s ÷ {first} ex/s"] = common.median(
+                        [a / b for a, b in zip(rate[kind + value], rate[kind + first])])
         out[clock] = {"examples_per_second": {n: common.median(v) for n, v in rate.items()},
                       "ratios": ratios}
     return out

@@ -16,7 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 def bench(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     yield
-    for name in ("throughput", "precision", "round_breakdown", "scaling", "reference_opacus", "common"):
+    for name in ("throughput", "precision", "clipping", "round_breakdown", "scaling", "reference_opacus", "common"):
         sys.modules.pop(name, None)
 
 
@@ -56,6 +56,22 @@ def test_precision_measures_fp32_and_bf16_on_the_same_batches(bench, tiny_overri
     assert set(result["cpu"]["ratios"]) == {"fedlora ffa, DP: bf16 ex/s ÷ fp32 ex/s",
                                             "floor ffa: bf16 ex/s ÷ fp32 ex/s"}
     assert set(result["matmul_seconds"]) == {"float32", "bfloat16"}
+
+
+def test_clipping_measures_each_mode_against_one_floor(bench, tiny_overrides, tmp_path):
+    import clipping
+
+    out = tmp_path / "c.json"
+    assert clipping.main([*_tiny(tiny_overrides), "--threads", "1", "--repeats", "1",
+                          "--methods", "full", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rates = result["wall"]["examples_per_second"]
+    assert set(rates) == {"floor full", "fedlora full, DP, off", "fedlora full, DP, on",
+                          "fedlora full, DP, auto"}
+    assert all(v > 0 for v in rates.values())
+    assert set(result["wall"]["ratios"]) == {"fedlora full, DP: on ex/s ÷ off ex/s",
+                                             "fedlora full, DP: auto ex/s ÷ off ex/s",
+                                             "full: floor time ÷ DP (auto) time"}
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")

@@ -25,6 +25,7 @@ OPTIMIZERS = ("sgd", "adam", "lora_pro", "lora_rite")
 LORA_OPTIMIZERS = ("lora_pro", "lora_rite")  # they need one (A, B) per layer: Method.lora_pairs
 SERVER_OPTIMIZERS = ("avg", "momentum", "adam")
 PRECISIONS = ("fp32", "bf16")
+GHOST_CLIPPING = ("auto", "on", "off")  # fedlora.privacy.ghost.MODES is this tuple
 WEIGHTINGS = ("examples", "inverse_noise")
 HEADS = ("shared", "local")
 ACCOUNTANTS = ("rdp", "prv", "pld")  # fedlora.privacy.epsilon.KINDS is this tuple
@@ -197,6 +198,12 @@ class TrainConfig:
                         "their norms, clipping, noise, the optimizer and every upload stay fp32, "
                         "and evaluation runs in fp32 (the model as exported). Fast only where the "
                         "hardware has bf16 units (GPUs, CPUs with AVX512-BF16/AMX); elsewhere slower")
+    ghost_clipping: str = _f("auto", f"{', '.join(GHOST_CLIPPING)}: how DP-SGD gets each example's "
+                             "gradient norm and the clipped sum for nn.Linear layers: from Gram "
+                             "matrices of their inputs and output gradients without per-example "
+                             "gradients (ghost clipping + book-keeping; on), by materialising them "
+                             "(off), or per layer whichever costs fewer multiply-adds (auto). Same "
+                             "result either way (float rounding aside)")
 
 
 @dataclass
@@ -520,6 +527,8 @@ def validate(config: Config) -> None:
     _check(t.micro_batch_size >= 1, "train.micro_batch_size must be ≥ 1")
     _check(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, "
            f"got '{t.precision}'")
+    _check(t.ghost_clipping in GHOST_CLIPPING, f"train.ghost_clipping must be one of "
+           f"{', '.join(GHOST_CLIPPING)}, got '{t.ghost_clipping}'")
     _check(t.eval_batch_size >= 1, "train.eval_batch_size must be ≥ 1")
     _validate_task(c)
     p = c.privacy

@@ -27,7 +27,8 @@ from fedlora.federation.timing import Timings, phase
 from fedlora.federation.weighting import noise_scale
 from fedlora.federation.wire import state_digest
 from fedlora.privacy.accountant import PrivacyAccountant
-from fedlora.privacy.dpsgd import clip_and_sum, gaussian_noise, per_sample_gradients
+from fedlora.privacy.dpsgd import gaussian_noise
+from fedlora.privacy.ghost import clipped_sum
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.plan import ClientPrivacy
 from fedlora.privacy.randomness import Randomness, Stream, randomness_for
@@ -282,8 +283,9 @@ class LocalTrainer:
         audit = self._audit(client) if canary is not None else None
         clip = privacy.clip if audit is None else audit.clip(privacy.clip)
         # Σ_i clip(g_i) is summed micro-batch by micro-batch (clipping is per example, so this is
-        # exact) and the noise is drawn once: per-example gradients of one micro-batch at a time
-        # are in memory, which is what makes DP full fine-tuning fit.
+        # exact) and the noise is drawn once: at most one micro-batch's per-example gradients are
+        # in memory, and none of the layers that train.ghost_clipping sends the Gram route
+        # (fedlora.privacy.ghost), which is what makes DP full fine-tuning fit.
         summed = {n: torch.zeros_like(p) for n, p in zip(names, params)}
         # the loss is summed on the device and read once per step: a host synchronisation per
         # micro-batch would stall a GPU (the same float64 sum of the same float32 parts)
@@ -295,7 +297,7 @@ class LocalTrainer:
                 value["losses"] = self.per_example_loss(client, idx)
                 return value["losses"]
 
-            clipped, _ = clip_and_sum(per_sample_gradients(self.model, loss_fn), clip)
+            clipped, _ = clipped_sum(self.model, loss_fn, clip, self.train_cfg.ghost_clipping)
             for name in names:
                 summed[name] += clipped[name]
             total += value["losses"].detach().sum().double()

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from fedlora.privacy.randomness import Stream, TorchStream
 
-__all__ = ["per_sample_gradients", "mark_reusable", "per_sample_norms", "clip_factors", "clip_and_sum",
+__all__ = ["per_sample_gradients", "record_layers", "mark_reusable", "per_sample_norms", "clip_factors", "clip_and_sum",
            "gaussian_noise", "clip_and_noise"]
 
 NORM_EPS = 1e-6  # as Opacus: the clip factor is C / (‖g_i‖ + 1e-6)
@@ -140,6 +140,21 @@ def per_sample_gradients(
     batch). The module hooks are removed before returning, also on error (the tensor hooks
     live on this call's autograd graph and go with it).
     """
+    owners, recorders, n = record_layers(model, per_example_loss)
+    out: dict[str, Tensor] = {}
+    for (mod_name, module, params), rec in zip(owners, recorders):
+        out.update(_module_grad_samples(module, params, rec, n))
+    return out
+
+
+def record_layers(model: nn.Module, per_example_loss: Callable[[], Tensor]):
+    """Run `per_example_loss()` and back-propagate Σ_i L_i once, recording what every module
+    that owns trainable parameters saw: its inputs and the gradient of its output, per call.
+
+    Returns `(owners, recorders, n)`: `_trainable_owners(model)`, one `_Recorder` per owner,
+    and the number n of per-example losses. `.grad` is not touched; the module hooks are
+    removed before returning, also on error. (Shared by `per_sample_gradients` and the ghost
+    clipping path, `fedlora.privacy.ghost`.)"""
     owners = _trainable_owners(model)
     recorders = [_Recorder(name, getattr(module, REUSABLE, False)) for name, module, _ in owners]
     handles = []
@@ -161,10 +176,7 @@ def per_sample_gradients(
     finally:
         for h in handles:
             h.remove()
-    out: dict[str, Tensor] = {}
-    for (mod_name, module, params), rec in zip(owners, recorders):
-        out.update(_module_grad_samples(module, params, rec, n))
-    return out
+    return owners, recorders, n
 
 
 def _module_grad_samples(module: nn.Module, params: list[tuple[str, nn.Parameter]],
