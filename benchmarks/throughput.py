@@ -96,7 +96,7 @@ def setup(overrides: list[str], threads: int, methods: list[str], reference: lis
     sizes = [c.num_examples for c in exp.clients]
     info = {"clients": sizes, "sigma": [c.privacy.noise_multiplier for c in exp.clients],
             "sample_rate": [c.privacy.sample_rate for c in exp.clients],
-            "batch_size": config.train.batch_size, "micro_batch_size": config.train.micro_batch_size,
+            "batch_size": config.train.batch_size, "micro_batch_size": exp.trainer.micro_batch,
             "max_length": config.model.max_length, "model": config.model.path,
             "device": str(device_of(exp.model)),
             "padding": _padding(exp, steps)}
@@ -169,7 +169,7 @@ def _reference(config, exp, method, model, steps: int) -> Contender:
     t = config.train
     clients = [OpacusClient(model, trainable, c.token_ids, c.labels, max_length=config.model.max_length,
                             pad_id=exp.trainer.pad_id, batch_size=t.batch_size,
-                            physical_batch_size=t.micro_batch_size,
+                            physical_batch_size=exp.trainer.micro_batch,
                             noise_multiplier=c.privacy.noise_multiplier, clip=config.privacy.clip,
                             lr=t.lr, seed=derive_seed(config.seed, "reference", c.cid),
                             device=device_of(model))

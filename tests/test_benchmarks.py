@@ -16,7 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 def bench(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     yield
-    for name in ("throughput", "precision", "clipping", "round_breakdown", "scaling", "reference_opacus", "common"):
+    for name in ("throughput", "precision", "clipping", "pass_cost", "make_encoder", "round_breakdown", "scaling", "reference_opacus", "common"):
         sys.modules.pop(name, None)
 
 
@@ -72,6 +72,50 @@ def test_clipping_measures_each_mode_against_one_floor(bench, tiny_overrides, tm
     assert set(result["wall"]["ratios"]) == {"fedlora full, DP: on ex/s ÷ off ex/s",
                                              "fedlora full, DP: auto ex/s ÷ off ex/s",
                                              "full: floor time ÷ DP (auto) time"}
+
+
+def test_pass_cost_fits_the_line_it_was_given(bench):
+    import pass_cost
+
+    a, b = pass_cost.fit_line([100, 200, 400], [0.01 + 2e-5 * t for t in (100, 200, 400)])
+    assert a == pytest.approx(0.01) and b == pytest.approx(2e-5)  # a/b = 500 tokens
+
+
+def test_pass_cost_times_passes_on_the_tiny_model(bench, tiny_overrides, tmp_path):
+    import pass_cost
+
+    out = tmp_path / "p.json"
+    assert pass_cost.main([*_tiny(tiny_overrides), "--threads", "1", "--repeats", "1", "--length", "4",
+                           "--sizes", "2", "4", "8", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["tokens"] for r in result["rows"]] == [8, 16, 32]
+    assert all(r["seconds"] > 0 for r in result["rows"])
+    assert result["planned"] == {"micro_batch": 64, "pass_cost_tokens": 32}
+
+
+def test_make_encoder_writes_a_folder_fedlora_trains_and_refuses_to_overwrite(bench, tmp_path):
+    import make_encoder
+    from transformers import AutoModel
+
+    out = tmp_path / "enc"
+    assert make_encoder.main([str(out), "--layers", "2", "--hidden", "128"]) == 0
+    model = AutoModel.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 128
+    assert model.config.vocab_size == 30522 and (out / "vocab.txt").exists()
+    with pytest.raises(SystemExit, match="exists"):
+        make_encoder.main([str(out)])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal without CUDA")
+def test_gpu_script_without_a_gpu_says_what_it_needs_and_writes_nothing(tmp_path):
+    import subprocess
+
+    script = BENCHMARKS / "gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0  # it parses
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True,
+                          cwd=BENCHMARKS.parent)
+    assert done.returncode == 2 and "needs torch with a CUDA device" in done.stdout
+    assert not any((tmp_path / "out").iterdir())
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")

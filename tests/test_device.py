@@ -252,3 +252,36 @@ def test_cuda_causal_matches_cpu(tmp_path, causal_overrides):
     merged_cuda = load_file(tmp_path / "cuda" / "merged" / "model.safetensors")
     for k in merged_cpu:
         torch.testing.assert_close(merged_cuda[k], merged_cpu[k], rtol=0, atol=1e-4, msg=k)
+
+
+# --------------------------------------------------------------------------- micro-batches per device
+
+
+def test_micro_batch_size_zero_is_chosen_per_device_and_a_number_overrides_it():
+    from fedlora.data.batching import PASS_COST_TOKENS, micro_batching
+
+    assert micro_batching(0, "cpu") == (64, PASS_COST_TOKENS)
+    assert micro_batching(0, "cuda") == (256, 4096)
+    assert micro_batching(7, "cuda") == (7, 4096)  # a set size is kept; the pass cost is the GPU's
+    assert micro_batching(0, "mps") == (64, PASS_COST_TOKENS)  # no entry: a CPU's choices
+
+
+def test_on_a_gpu_a_batch_takes_fewer_larger_passes():
+    """The default job's lengths (5–64 tokens): a CPU's cost model cuts 200 texts into passes of
+    at most 64 grouped by length; a GPU's takes them in one padded pass."""
+    from fedlora.data.batching import length_groups, micro_batching
+
+    lengths = [5 + (37 * i) % 60 for i in range(200)]
+    cpu = length_groups(lengths, *micro_batching(0, "cpu"))
+    gpu = length_groups(lengths, *micro_batching(0, "cuda"))
+    assert len(cpu) >= 4 and max(len(g) for g in cpu) <= 64
+    assert len(gpu) == 1 and sorted(gpu[0]) == list(range(200))
+
+
+def test_the_trainer_on_the_cpu_uses_the_cpu_size(tiny_overrides):
+    from fedlora.experiment import build_experiment
+
+    exp = build_experiment(load_config(None, tiny_overrides + ["train.micro_batch_size=0", "device=cpu"]))
+    assert (exp.trainer.micro_batch, exp.trainer.pass_cost) == (64, 32)
+    with pytest.raises(ConfigError, match="train.micro_batch_size must be ≥ 0"):
+        load_config(None, tiny_overrides + ["train.micro_batch_size=-1"])

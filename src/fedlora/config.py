@@ -188,7 +188,8 @@ class TrainConfig:
                         "and need one LoRA (A, B) per layer at one rank: not full, head, hetlora "
                         "or method.client_ranks)")
     momentum: float = _f(0.9, "SGD momentum (reset each round: optimizer state never leaves a client)")
-    micro_batch_size: int = _f(64, "examples per forward pass; a batch is split, never changed")
+    micro_batch_size: int = _f(0, "examples per forward pass (0 = for the device: 64 on a CPU, 256 on "
+                               "a GPU); a batch is split, never changed")
     gradient_checkpointing: bool = _f(
         False, "recompute activations in the backward pass: less memory, more compute; "
         "per-example DP gradients stay exact")
@@ -524,7 +525,7 @@ def validate(config: Config) -> None:
                + f" does not train one — choose train.optimizer=adam, or one of {', '.join(paired)}"
                " without method.client_ranks")
     _check(0 <= t.momentum < 1, "train.momentum must be in [0, 1)")
-    _check(t.micro_batch_size >= 1, "train.micro_batch_size must be ≥ 1")
+    _check(t.micro_batch_size >= 0, "train.micro_batch_size must be ≥ 0 (0 = chosen for the device)")
     _check(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, "
            f"got '{t.precision}'")
     _check(t.ghost_clipping in GHOST_CLIPPING, f"train.ghost_clipping must be one of "

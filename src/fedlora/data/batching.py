@@ -20,13 +20,32 @@ import torch
 
 from fedlora.errors import DataError
 
-__all__ = ["PASS_COST_TOKENS", "collate", "encode", "eval_batches", "length_groups"]
+__all__ = ["PASS_COST_TOKENS", "collate", "encode", "eval_batches", "length_groups", "micro_batching"]
 
 #: What one padded pass costs beyond its tokens, in tokens. Measured on one CPU core with
 #: all-MiniLM-L6-v2 (CPU time of a pass ≈ a + b·tokens): a/b ≈ 33 tokens for a DP-SGD
 #: forward + backward, ≈ 38 for an evaluation forward. It only decides where `length_groups`
 #: cuts — fewer, larger passes against less padding —; any value gives valid groups.
 PASS_COST_TOKENS = 32
+
+#: `train.micro_batch_size = 0` ("for the device"): examples per DP-SGD pass, and what a pass
+#: costs beyond its tokens, per device type. On a CPU compute grows with the tokens and a pass
+#: costs ~32 tokens more (measured above), so passes of 64 grouped by length waste little. On a
+#: GPU the tokens of a pass run in parallel and its fixed cost (kernel launches, the Python of
+#: every layer and every per-example gradient hook, ~milliseconds) is worth thousands of tokens:
+#: fewer, larger passes. The GPU values are an estimate, not a measurement;
+#: `benchmarks/pass_cost.py` measures a pass's fixed cost in tokens on the device at hand, and
+#: `train.micro_batch_size` set to a number overrides the size on any device.
+DEVICE_MICRO_BATCH = {"cpu": 64, "cuda": 256}
+DEVICE_PASS_COST_TOKENS = {"cpu": PASS_COST_TOKENS, "cuda": 4096}
+
+
+def micro_batching(size: int, device_type: str) -> tuple[int, float]:
+    """(examples per pass, pass cost in tokens) for `train.micro_batch_size = size` on a device of
+    type `device_type` ("cpu", "cuda", ...): size 0 takes the device's size; the pass cost is
+    always the device's (a CPU's for devices without an entry)."""
+    cost = DEVICE_PASS_COST_TOKENS.get(device_type, PASS_COST_TOKENS)
+    return (size or DEVICE_MICRO_BATCH.get(device_type, DEVICE_MICRO_BATCH["cpu"])), cost
 
 
 def _is_whole(value: Any, minimum: int) -> bool:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedlora.config import TrainConfig
-from fedlora.data.batching import collate, length_groups
+from fedlora.data.batching import collate, length_groups, micro_batching
 from fedlora.device import device_of, to_device
 from fedlora.methods import lowrank
 from fedlora.methods.base import Method, State
@@ -111,6 +111,8 @@ class LocalTrainer:
         self.handle = AdapterHandle.of(model)
         self.names = self.handle.param_names()
         self.initial = {k: v.clone() for k, v in initial.items()}
+        # micro-batch size and a pass's fixed cost in tokens, for the device the model is on
+        self.micro_batch, self.pass_cost = micro_batching(train.micro_batch_size, device_of(model).type)
 
     # ------------------------------------------------------------------ one client round
     def train(self, client: Client, download: State, round: int) -> ClientReply:
@@ -234,7 +236,7 @@ class LocalTrainer:
                                                      client.cid))
         answer = centering.noisy_feature_sum(self.model, client.token_ids, privacy.center_rate,
                                              privacy.center_noise, self.pad_id,
-                                             self.train_cfg.micro_batch_size,
+                                             self.micro_batch,
                                              client.randomness.stream("center"))
         privacy.record_center_query()  # recorded before anything leaves the client
         self._release(client, centering.LEDGER_ENTRY, digest, answer)
@@ -325,10 +327,11 @@ class LocalTrainer:
         return float(total) / n if n else None
 
     def _micro_batches(self, client: Client, batch_idx: list[int]) -> list[list[int]]:
-        """At most `micro_batch_size` examples each, grouped by length for little padding."""
+        """At most `self.micro_batch` examples each, grouped by length for little padding (at the
+        device's cost of a pass, `data.batching.micro_batching`)."""
         lengths = [len(client.token_ids[i]) for i in batch_idx]
         return [[batch_idx[j] for j in group]
-                for group in length_groups(lengths, self.train_cfg.micro_batch_size)]
+                for group in length_groups(lengths, self.micro_batch, self.pass_cost)]
 
     def per_example_loss(self, client: Client, idx: list[int]) -> Tensor:
         """The per-example losses of examples `idx`, the forward pass under `train.precision`
