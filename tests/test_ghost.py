@@ -36,7 +36,7 @@ def test_ghost_pays_by_multiply_adds():
     assert not ghost_pays(64, 384, 8)    # LoRA's B at r = 8: 64·392 > 3072, materialise
     assert not ghost_pays(64, 8, 384)    # and A
     assert ghost_pays(64, 384, 384)      # a full 384 × 384 weight: 64·768 < 147,456
-    assert ghost_pays(1, 384, 2)         # the classifier head sees one position
+    assert not ghost_pays(1, 384, 384)   # one position (a head): the same cost, materialised
     assert not ghost_pays(300, 384, 384)  # long sequences: the T × T Gram matrices cost more
 
 

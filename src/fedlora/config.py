@@ -203,7 +203,8 @@ class TrainConfig:
                              "gradient norm and the clipped sum for nn.Linear layers: from Gram "
                              "matrices of their inputs and output gradients without per-example "
                              "gradients (ghost clipping + book-keeping; on), by materialising them "
-                             "(off), or per layer whichever costs fewer multiply-adds (auto). Same "
+                             "(off), or per layer whichever costs fewer multiply-adds (auto: LoRA factors "
+                             "materialised, full weights by Gram matrices). Same "
                              "result either way (float rounding aside)")
 
 

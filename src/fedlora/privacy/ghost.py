@@ -24,9 +24,10 @@ over more positions.
 Which layers take this path (`mode`):
 - "off": none; every per-example gradient is materialised with Opacus's grad samplers.
 - "on": every `nn.Linear` that owns a trained parameter.
-- "auto": an `nn.Linear` when T·(d + p) < d·p, i.e. when the Gram route costs fewer
-  multiply-adds per example than materialising. LoRA's factors (d or p = r) stay materialised;
-  full weights (d = p = 384 in MiniLM, T ≤ 64) and the classifier head (T = 1) take the ghost route.
+- "auto": an `nn.Linear` seen at T > 1 positions when T·(d + p) < d·p, i.e. when the Gram
+  route costs fewer multiply-adds per example than materialising. LoRA's factors (d or p = r)
+  and the classifier head (T = 1) stay materialised; full weights (d = p = 384 in MiniLM,
+  T ≤ 64) take the ghost route.
 Other layer types (LayerNorm, Embedding, ...) are always materialised.
 """
 
@@ -46,8 +47,10 @@ MODES = ("auto", "on", "off")
 
 def ghost_pays(positions: int, d_in: int, d_out: int) -> bool:
     """True when the Gram route, T·(d + p) multiply-adds per example and position, is cheaper
-    than materialising the p × d gradient, d·p per position."""
-    return positions * (d_in + d_out) < d_in * d_out
+    than materialising the p × d gradient, d·p per position. With one position (a head on
+    pooled features) either route costs d·p per example and materialising is kept: such a
+    layer's numbers stay bit for bit those of the materialised path."""
+    return positions > 1 and positions * (d_in + d_out) < d_in * d_out
 
 
 def _positions(rec: _Recorder, n: int) -> tuple[Tensor, Tensor] | None:
