@@ -170,3 +170,17 @@ def test_an_unknown_ghost_clipping_mode_is_refused():
 
     with pytest.raises(ConfigError, match="train.ghost_clipping must be one of auto, on, off"):
         load_config(None, ["train.ghost_clipping=always"])
+
+
+def test_with_every_layer_materialised_the_result_is_bit_for_bit_the_old_path():
+    """"off" (and "auto" on LoRA factors and the head) must not move a single bit: every
+    figure measured before ghost clipping existed stays true."""
+    for mode in ("off", "auto"):
+        model = _tiny_lora_model(True)
+        ids, mask, labels = _padded_batch([3, 9, 5, 12, 1])
+        loss = lambda: F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits,  # noqa: E731
+                                       labels, reduction="none")
+        want, want_norms = clip_and_sum(per_sample_gradients(model, loss), 0.01)
+        got, norms = clipped_sum(model, loss, 0.01, mode)
+        assert torch.equal(norms, want_norms)
+        assert all(torch.equal(got[k], want[k]) for k in want)

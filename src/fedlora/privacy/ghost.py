@@ -121,18 +121,19 @@ def clipped_sum(model: nn.Module, per_example_loss: Callable[[], Tensor], clip: 
     owners, recorders, n = record_layers(model, per_example_loss)
     if not owners:
         raise ValueError("the model has no trainable parameters")
-    layers, squared = [], []
+    layers, per_param = [], []  # per_param: each parameter's per-example norms, shape (n,)
     for (_, module, params), rec in zip(owners, recorders):
         seen = _positions(rec, n) if type(module) is nn.Linear and n > 0 else None
         if seen is not None and _takes_ghost(module, seen[0].shape[1], mode):
-            sq = ghost_squared_norms(module, params, *seen)
+            per_param.extend(v.sqrt() for v in ghost_squared_norms(module, params, *seen).values())
             layers.append((module, params, seen))
         else:
             grads = _module_grad_samples(module, params, rec, n)
-            sq = {k: v.flatten(1).float().pow(2).sum(1) for k, v in grads.items()}
+            per_param.extend(g.flatten(start_dim=1).norm(2, dim=1) for g in grads.values())
             layers.append((module, params, grads))
-        squared.extend(sq.values())
-    norms = torch.stack(squared).sum(0).sqrt() if n > 0 else torch.zeros(0)
+    # combined as dpsgd.per_sample_norms does, so that with every layer materialised the result
+    # is bit for bit clip_and_sum's
+    norms = torch.stack(per_param).norm(2, dim=0)
     factors = clip_factors(norms, clip)
     summed: dict[str, Tensor] = {}
     for module, params, data in layers:
