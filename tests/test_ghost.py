@@ -10,7 +10,7 @@ from opacus.grad_sample.linear import compute_linear_norm_sample
 from torch import nn
 
 from fedlora.privacy.dpsgd import clip_and_sum, mark_reusable, per_sample_gradients
-from fedlora.privacy.ghost import clipped_sum, ghost_pays, ghost_squared_norms
+from fedlora.privacy.ghost import clipped_sum, embedding_squared_norms, ghost_pays, ghost_squared_norms
 from tests.test_dpsgd import _padded_batch, _tiny_lora_model
 
 
@@ -30,6 +30,20 @@ def test_ghost_norms_equal_materialised_and_opacus_norm_sampler(positions):
     theirs = compute_linear_norm_sample(lin, [a], g)  # an independent implementation
     torch.testing.assert_close(ours["weight"].sqrt(), theirs[lin.weight], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours["bias"].sqrt(), theirs[lin.bias], rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_norms_equal_materialised_and_opacus_norm_sampler():
+    from opacus.grad_sample.embedding import compute_embedding_grad_sample, compute_embedding_norm_sample
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(7, 5)
+    ids = torch.tensor([[1, 1, 3, 0], [2, 0, 2, 2], [6, 5, 4, 3]])  # repeats within an example
+    g = torch.randn(3, 4, 5)
+    ours = embedding_squared_norms(ids, g)
+    full = compute_embedding_grad_sample(emb, [ids], g)[emb.weight]  # (n, V, d), materialised
+    torch.testing.assert_close(ours, full.pow(2).sum((1, 2)), rtol=1e-5, atol=1e-6)
+    theirs = compute_embedding_norm_sample(emb, [ids], g)[emb.weight]  # an independent one
+    torch.testing.assert_close(ours.sqrt(), theirs, rtol=1e-5, atol=1e-6)
 
 
 def test_ghost_pays_by_multiply_adds():

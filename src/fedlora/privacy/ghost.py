@@ -21,14 +21,24 @@ aside). A layer that runs several times per forward pass (`dpsgd.mark_reusable`)
 positions concatenated: its per-example gradient is the sum over calls, which is the same sum
 over more positions.
 
+An `nn.Embedding` (full fine-tuning trains the word embeddings) is the same with one-hot
+inputs: example i's gradient puts Σ_{t: x_t = v} g_t in row v, so
+
+    ‖∂L/∂E‖²_F = Σ_{t,s} [x_t = x_s] (g_t·g_s),        Σ_i c_i ∂L_i/∂E = index_add over (x_{i,t}, c_i g_{i,t}),
+
+T² work per example instead of a V × d gradient (V = 30,522 words: 11.7M numbers per example
+for MiniLM). As Opacus's grad sampler, every position counts, padding included (its output
+gradient is zero where the loss ignores it).
+
 Which layers take this path (`mode`):
 - "off": none; every per-example gradient is materialised with Opacus's grad samplers.
-- "on": every `nn.Linear` that owns a trained parameter.
+- "on": every `nn.Linear` and `nn.Embedding` that owns a trained parameter.
 - "auto": an `nn.Linear` seen at T > 1 positions when T·(d + p) < d·p, i.e. when the Gram
   route costs fewer multiply-adds per example than materialising. LoRA's factors (d or p = r)
   and the classifier head (T = 1) stay materialised; full weights (d = p = 384 in MiniLM,
-  T ≤ 64) take the ghost route.
-Other layer types (LayerNorm, Embedding, ...) are always materialised.
+  T ≤ 64) take the ghost route; an `nn.Embedding` when T < V (the word embeddings; not the
+  two-row token-type table).
+Other layer types (LayerNorm, ...) are always materialised.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ from torch import Tensor, nn
 
 from fedlora.privacy.dpsgd import _fp32, _module_grad_samples, _Recorder, clip_factors, record_layers
 
-__all__ = ["MODES", "clipped_sum", "ghost_pays", "ghost_squared_norms"]
+__all__ = ["MODES", "clipped_sum", "embedding_squared_norms", "ghost_pays", "ghost_squared_norms"]
 
 MODES = ("auto", "on", "off")
 
@@ -53,9 +63,10 @@ def ghost_pays(positions: int, d_in: int, d_out: int) -> bool:
     return positions > 1 and positions * (d_in + d_out) < d_in * d_out
 
 
-def _positions(rec: _Recorder, n: int) -> tuple[Tensor, Tensor] | None:
+def _positions(rec: _Recorder, n: int, ids: bool = False) -> tuple[Tensor, Tensor] | None:
     """A layer's inputs and output gradients over all its calls, as (n, T, d) and (n, T, p) in
-    fp32; None if no call reached the loss."""
+    fp32 — or, for an embedding (`ids`), its token ids as (n, T); None if no call reached the
+    loss."""
     acts, grads = [], []
     for activations, backprops in zip(rec.activations, rec.backprops):
         if backprops is None:
@@ -64,8 +75,8 @@ def _positions(rec: _Recorder, n: int) -> tuple[Tensor, Tensor] | None:
             raise ValueError(
                 f"module {rec.name!r}: output batch dimension is {backprops.shape[0]}, but there "
                 f"are {n} per-example losses; the batch must be the first dimension everywhere")
-        a = _fp32(activations[0])
-        acts.append(a.reshape(n, -1, a.shape[-1]))
+        a = activations[0] if ids else _fp32(activations[0])
+        acts.append(a.reshape(n, -1) if ids else a.reshape(n, -1, a.shape[-1]))
         grads.append(_fp32(backprops).reshape(n, -1, backprops.shape[-1]))
     if not acts:
         return None
@@ -91,20 +102,41 @@ def ghost_squared_norms(module: nn.Linear, params: list[tuple[str, nn.Parameter]
     return out
 
 
-def _ghost_sum(module: nn.Linear, params, a: Tensor, g: Tensor, factors: Tensor) -> dict[str, Tensor]:
-    """Σ_i c_i ∂L_i/∂θ = Σ_{i,t} (c_i g_{i,t}) a_{i,t}ᵀ (weight) and Σ_{i,t} c_i g_{i,t} (bias)."""
+def embedding_squared_norms(ids: Tensor, g: Tensor) -> Tensor:
+    """‖∂L_i/∂E‖² of an embedding table from token ids (n, T) and output gradients g (n, T, d):
+    Σ_{t,s} [x_t = x_s] (g_t·g_s)."""
+    same = ids[:, :, None] == ids[:, None, :]
+    return (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2)).clamp(min=0)
+
+
+def _ghost_sum(module: nn.Module, params, a: Tensor, g: Tensor, factors: Tensor) -> dict[str, Tensor]:
+    """Σ_i c_i ∂L_i/∂θ = Σ_{i,t} (c_i g_{i,t}) a_{i,t}ᵀ (weight) and Σ_{i,t} c_i g_{i,t} (bias);
+    for an embedding, each c_i g_{i,t} added to the row of token a_{i,t}."""
     cg = (g * factors[:, None, None]).flatten(0, 1)
     out = {}
     for name, p in params:
-        total = cg.T @ a.flatten(0, 1) if p is module.weight else cg.sum(0)
+        if isinstance(module, nn.Embedding):
+            total = torch.zeros(p.shape, dtype=cg.dtype, device=cg.device).index_add_(0, a.flatten(), cg)
+        else:
+            total = cg.T @ a.flatten(0, 1) if p is module.weight else cg.sum(0)
         out[name] = total.to(p.dtype)
     return out
 
 
+def _squared_norms(module: nn.Module, params, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    if isinstance(module, nn.Embedding):
+        return {name: embedding_squared_norms(a, g) for name, _ in params}
+    return ghost_squared_norms(module, params, a, g)
+
+
 def _takes_ghost(module: nn.Module, positions: int, mode: str) -> bool:
-    if type(module) is not nn.Linear or mode == "off":
+    if mode == "off" or type(module) not in (nn.Linear, nn.Embedding):
         return False
-    return mode == "on" or ghost_pays(positions, module.in_features, module.out_features)
+    if mode == "on":
+        return True
+    if type(module) is nn.Embedding:
+        return positions < module.num_embeddings
+    return ghost_pays(positions, module.in_features, module.out_features)
 
 
 def clipped_sum(model: nn.Module, per_example_loss: Callable[[], Tensor], clip: float,
@@ -123,9 +155,11 @@ def clipped_sum(model: nn.Module, per_example_loss: Callable[[], Tensor], clip: 
         raise ValueError("the model has no trainable parameters")
     layers, per_param = [], []  # per_param: each parameter's per-example norms, shape (n,)
     for (_, module, params), rec in zip(owners, recorders):
-        seen = _positions(rec, n) if type(module) is nn.Linear and n > 0 else None
+        kind = type(module)
+        seen = _positions(rec, n, ids=kind is nn.Embedding) \
+            if kind in (nn.Linear, nn.Embedding) and n > 0 else None
         if seen is not None and _takes_ghost(module, seen[0].shape[1], mode):
-            per_param.extend(v.sqrt() for v in ghost_squared_norms(module, params, *seen).values())
+            per_param.extend(v.sqrt() for v in _squared_norms(module, params, *seen).values())
             layers.append((module, params, seen))
         else:
             grads = _module_grad_samples(module, params, rec, n)
