@@ -80,6 +80,8 @@ def _positions(rec: _Recorder, n: int, ids: bool = False) -> tuple[Tensor, Tenso
         grads.append(_fp32(backprops).reshape(n, -1, backprops.shape[-1]))
     if not acts:
         return None
+    if len(acts) == 1:  # one call (every layer but a reusable one): no copy
+        return acts[0], grads[0]
     return torch.cat(acts, dim=1), torch.cat(grads, dim=1)
 
 
