@@ -14,7 +14,6 @@ ratios are medians of the per-repeat ratios (see `throughput.py`).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import common  # noqa: F401  (sets HF_HUB_OFFLINE before transformers loads)
@@ -27,14 +26,7 @@ MODES = ("off", "on", "auto")  # "off" first: the ratios are against materialisi
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=1, help="local steps per client per repeat")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (config key device)")
-    parser.add_argument("--methods", nargs="+", default=["ffa", "lora", "full"])
-    parser.add_argument("--json", help="also write the results here")
+    parser = common.side_by_side_parser(__doc__, ["ffa", "lora", "full"])
     args = parser.parse_args(argv)
     contenders, info = setup(args.overrides, args.threads, args.methods, args.steps, args.device,
                              key="ghost_clipping", values=MODES, floor_varies=False)

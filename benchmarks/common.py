@@ -6,6 +6,7 @@ The scripts run as `PYTHONPATH=src python benchmarks/<name>.py`, so this folder 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -168,3 +169,17 @@ def split_round(timings: dict[str, float]) -> dict[str, float]:
     }
     parts["other"] = sum(other.values())
     return {**parts, **other, "round": total}
+
+
+def side_by_side_parser(doc: str, methods: list[str]) -> argparse.ArgumentParser:
+    """The arguments every side-by-side speed benchmark takes (throughput, precision, clipping):
+    config overrides, repeats, local steps per repeat, threads, device, methods, a JSON file."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1, help="local steps per client per repeat")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (config key device)")
+    parser.add_argument("--methods", nargs="+", default=methods)
+    parser.add_argument("--json", help="also write the results here")
+    return parser

@@ -26,7 +26,6 @@ host's share of the work.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -252,16 +251,9 @@ def rates_and_ratios(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=1, help="local steps per client per repeat")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (config key device)")
-    parser.add_argument("--methods", nargs="+", default=["ffa", "lora"])
+    parser = common.side_by_side_parser(__doc__, ["ffa", "lora"])
     parser.add_argument("--reference", nargs="*", default=["ffa"],
                         help="methods to run the PEFT + Opacus reference for")
-    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     contenders, info = setup(args.overrides, args.threads, args.methods, args.reference, args.steps,
                              args.device)
