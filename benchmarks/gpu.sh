@@ -19,10 +19,18 @@ OUT=${1:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONPATH="src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
-$PY -c "import torch, transformers, peft, opacus; assert torch.cuda.is_available(), 'no CUDA device'" || {
-    echo "gpu.sh: needs torch with a CUDA device, transformers, peft and opacus (carry missing ones as wheels)"
-    exit 2
-}
+$PY - <<'EOF' || exit 2
+import sys
+try:
+    import torch
+    import opacus, peft, transformers  # noqa: F401
+    import fedlora.experiment  # noqa: F401  (and everything fedlora imports: cryptography, ...)
+except ImportError as err:
+    sys.exit(f"gpu.sh: needs torch with a CUDA device, transformers, peft, opacus and fedlora's "
+             f"own dependencies; missing: {err.name} (carry it as a wheel)")
+if not torch.cuda.is_available():
+    sys.exit("gpu.sh: needs torch with a CUDA device; torch sees none")
+EOF
 WORK=$(mktemp -d)
 TOK=${TOKENIZER:+--tokenizer $TOKENIZER}
 $PY benchmarks/make_encoder.py "$WORK/minilm" --layers 6 --hidden 384 $TOK || exit 3

@@ -114,7 +114,7 @@ def test_gpu_script_without_a_gpu_says_what_it_needs_and_writes_nothing(tmp_path
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0  # it parses
     done = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True,
                           cwd=BENCHMARKS.parent)
-    assert done.returncode == 2 and "needs torch with a CUDA device" in done.stdout
+    assert done.returncode == 2 and "gpu.sh: needs torch with a CUDA device" in done.stderr
     assert not any((tmp_path / "out").iterdir())
 
 
