@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", type=Path, help="a folder with a BERT tokenizer (vocab.txt, "
                         "tokenizer.json, ...); default: the shipped model's")
     args = parser.parse_args(argv)
+    if args.layers < 1 or args.hidden < 64 or args.hidden % 64:
+        raise SystemExit(f"--layers must be ≥ 1 and --hidden a positive multiple of 64 (heads of 64), "
+                         f"got {args.layers} and {args.hidden}; nothing was written")
     if args.out.exists():
         raise SystemExit(f"{args.out} exists; give a new folder (nothing was written)")
     count = make_encoder(args.out, args.layers, args.hidden, tokenizer=args.tokenizer)

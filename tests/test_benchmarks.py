@@ -104,6 +104,9 @@ def test_make_encoder_writes_a_folder_fedlora_trains_and_refuses_to_overwrite(be
     assert model.config.vocab_size == 30522 and (out / "vocab.txt").exists()
     with pytest.raises(SystemExit, match="exists"):
         make_encoder.main([str(out)])
+    with pytest.raises(SystemExit, match="positive multiple of 64"):
+        make_encoder.main([str(tmp_path / "other"), "--hidden", "100"])
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal without CUDA")

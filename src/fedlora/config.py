@@ -200,11 +200,11 @@ class TrainConfig:
                         "and evaluation runs in fp32 (the model as exported). Fast only where the "
                         "hardware has bf16 units (GPUs, CPUs with AVX512-BF16/AMX); elsewhere slower")
     ghost_clipping: str = _f("auto", f"{', '.join(GHOST_CLIPPING)}: how DP-SGD gets each example's "
-                             "gradient norm and the clipped sum for nn.Linear layers: from Gram "
+                             "gradient norm and the clipped sum for nn.Linear and nn.Embedding layers: from Gram "
                              "matrices of their inputs and output gradients without per-example "
                              "gradients (ghost clipping + book-keeping; on), by materialising them "
-                             "(off), or per layer whichever costs fewer multiply-adds (auto: LoRA factors "
-                             "materialised, full weights by Gram matrices). Same "
+                             "(off), or per layer whichever costs fewer multiply-adds (auto: LoRA factors and "
+                             "the head materialised, full weights and word embeddings by Gram matrices). Same "
                              "result either way (float rounding aside)")
 
 
