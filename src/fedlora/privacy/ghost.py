@@ -157,10 +157,13 @@ def clipped_sum(model: nn.Module, per_example_loss: Callable[[], Tensor], clip: 
         raise ValueError("the model has no trainable parameters")
     layers, per_param = [], []  # per_param: each parameter's per-example norms, shape (n,)
     for (_, module, params), rec in zip(owners, recorders):
-        kind = type(module)
-        seen = _positions(rec, n, ids=kind is nn.Embedding) \
-            if kind in (nn.Linear, nn.Embedding) and n > 0 else None
-        if seen is not None and _takes_ghost(module, seen[0].shape[1], mode):
+        # positions per example, read off the output gradients' shapes: the layer's tensors are
+        # reshaped (and upcast under bf16) only when it takes the Gram route
+        positions = sum(g[0].numel() // g.shape[-1] for g in rec.backprops if g is not None) \
+            if n > 0 else 0
+        seen = _positions(rec, n, ids=type(module) is nn.Embedding) \
+            if positions and _takes_ghost(module, positions, mode) else None
+        if seen is not None:
             per_param.extend(v.sqrt() for v in _squared_norms(module, params, *seen).values())
             layers.append((module, params, seen))
         else:
