@@ -12,6 +12,14 @@ Same model, data, expected batch size, clip and σ as fedlora's clients: only th
 differs. On a GPU the model copies and every batch go to `device`, and Opacus draws its noise
 there (it needs a generator on the gradients' device). Used by `benchmarks/throughput.py`; not
 part of the package.
+
+Two tasks, each with the loss a user writes: classification (cross-entropy of the label), and a
+causal LM's prompt → answer pairs (each pair's mean cross-entropy over its answer tokens, the
+other positions' labels set to −100, as transformers' own training examples do). Two of Opacus's
+modes: `hooks` (its default: per-example gradients materialised by grad samplers) and `ghost`
+(`grad_sample_mode="ghost"`: per-example norms from the layers' inputs and output gradients,
+then a second backward pass with the clip factors; Opacus's fast mode for large trained
+matrices).
 """
 
 from __future__ import annotations
@@ -34,6 +42,19 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 
 
+IGNORE = -100  # the label cross-entropy skips: a prompt's or padding's position
+
+
+def answer_labels(ids: Tensor, mask: Tensor, starts: list[int]) -> Tensor:
+    """(n, L − 1) next-token labels of padded pairs: position t predicts token t + 1, which counts
+    when it is an answer token (at or after the pair's answer start, before its padding)."""
+    labels = ids[:, 1:].clone()
+    position = torch.arange(1, ids.shape[1]).unsqueeze(0)
+    start = torch.tensor(starts).unsqueeze(1)
+    labels[(position < start) | (mask[:, 1:] == 0)] = IGNORE
+    return labels
+
+
 def pad_to_max_length(token_ids: list[list[int]], max_length: int, pad_id: int) -> tuple[Tensor, Tensor]:
     """What `tokenizer(texts, padding="max_length", truncation=True, max_length=L)` returns for
     texts whose (truncated) token ids are `token_ids`: ids and attention mask, shape (n, L)."""
@@ -51,21 +72,31 @@ class OpacusClient:
     def __init__(self, model: nn.Module, trainable: Callable[[str], bool], token_ids: list[list[int]],
                  labels: list[int], *, max_length: int, pad_id: int, batch_size: int,
                  physical_batch_size: int, noise_multiplier: float, clip: float, lr: float, seed: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", task: str = "classification", mode: str = "hooks"):
+        if task not in ("classification", "causal") or mode not in ("hooks", "ghost"):
+            raise ValueError(f"task {task!r} / mode {mode!r}: expected classification|causal, hooks|ghost")
+        self.task, self.mode = task, mode
         self.device = torch.device(device)
         model = copy.deepcopy(model).to(self.device)  # on its device before Opacus wraps it
         for name, p in model.named_parameters():
             p.requires_grad_(trainable(name))
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         ids, mask = pad_to_max_length(token_ids, max_length, pad_id)
-        loader = DataLoader(TensorDataset(ids, mask, torch.tensor(labels, dtype=torch.long)),
-                            batch_size=batch_size)
+        # a causal pair's `labels` entry is where its answer starts (fedlora's encoding)
+        targets = (answer_labels(ids, mask, labels) if task == "causal"
+                   else torch.tensor(labels, dtype=torch.long))
+        loader = DataLoader(TensorDataset(ids, mask, targets), batch_size=batch_size)
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
         self.engine = PrivacyEngine(accountant="rdp")
-        self.model, self.optimizer, self.loader = self.engine.make_private(
+        criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)
+        made = self.engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=clip, poisson_sampling=True,
+            max_grad_norm=clip, poisson_sampling=True, grad_sample_mode=mode, criterion=criterion,
             noise_generator=torch.Generator(device=self.device).manual_seed(seed))
+        if mode == "ghost":  # the criterion comes back wrapped: it runs both backward passes
+            self.model, self.optimizer, self.criterion, self.loader = made
+        else:
+            (self.model, self.optimizer, self.loader), self.criterion = made, criterion
         self.physical_batch_size = physical_batch_size
         self.num_examples = len(labels)
 
@@ -90,7 +121,7 @@ class OpacusClient:
                     input_ids, attention_mask, labels = (t.to(self.device) for t in batch)
                     self.optimizer.zero_grad()
                     logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-                    F.cross_entropy(logits, labels).backward()
+                    self.loss(logits, labels).backward()
                     self.optimizer.step()
                     seen += len(labels)
                     if not self.optimizer._is_last_step_skipped:  # a logical batch ended
@@ -98,6 +129,20 @@ class OpacusClient:
                         if done == steps:
                             break
         return {n: p.detach().clone() for n, p in params.items()}, seen
+
+    def loss(self, logits: Tensor, labels: Tensor):
+        """The batch's mean over examples of each example's loss (a causal pair's: the mean over
+        its answer tokens). Under `ghost` the wrapped criterion returns Opacus's loss object,
+        whose backward() runs the norm pass and the clipped pass."""
+        if self.task == "classification":
+            return self.criterion(logits, labels)
+        logits = logits[:, :-1]  # position t predicts token t + 1
+        if self.mode == "ghost":  # Opacus averages each sequence's valid tokens, then the batch
+            return self.criterion(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                  shape=logits.shape[:2])
+        token = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+        valid = (labels != IGNORE).sum(1).clamp(min=1)
+        return (token.sum(1) / valid).mean()
 
 
 def fedavg(states: list[dict[str, Tensor]], weights: list[float]) -> dict[str, Tensor]:

@@ -167,3 +167,85 @@ def test_round_breakdown_keeps_the_centring_query_out_of_the_rounds(bench, tiny_
     assert set(run["seconds_per_evaluation"]) == {"subset", "whole set"}
     main = ("local training", "serialisation", "aggregation", "evaluation", "other")
     assert sum(parts[k] for k in main) == pytest.approx(parts["round"], rel=1e-9)
+
+
+def test_throughput_runs_opacus_in_both_modes_against_the_fastest(bench, tiny_overrides, tmp_path):
+    import throughput
+
+    out = tmp_path / "t.json"
+    assert throughput.main([*_tiny(tiny_overrides), "--threads", "1", "--repeats", "2", "--methods", "ffa",
+                            "--reference", "ffa", "--opacus-modes", "hooks", "ghost",
+                            "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["cpu"]["examples_per_second"]) == {
+        "PEFT+Opacus ffa", "PEFT+Opacus ghost ffa", "floor ffa", "fedlora ffa, DP", "fedlora ffa, no DP"}
+    ratios = result["cpu"]["ratios"]
+    hooks, ghost = (ratios[f"ffa: fedlora DP ex/s ÷ PEFT+Opacus{m} ex/s"] for m in ("", " ghost"))
+    fastest = ratios["ffa: fedlora DP ex/s ÷ fastest PEFT+Opacus ex/s"]
+    assert 0 < fastest <= max(hooks, ghost) + 1e-9  # against the faster one in each repeat
+    assert result["setup"]["opacus_modes"] == ["hooks", "ghost"]
+
+
+def test_throughput_on_a_causal_lm_trains_the_reference_on_answer_tokens(bench, causal_overrides, tmp_path):
+    import throughput
+
+    out = tmp_path / "t.json"
+    keep = [o for o in causal_overrides if not o.startswith(("federation.", "threads"))]
+    assert throughput.main([*keep, "--threads", "1", "--repeats", "1", "--methods", "ffa",
+                            "--reference", "ffa", "--opacus-modes", "hooks", "ghost",
+                            "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["setup"]["task"] == "causal"
+    assert all(v > 0 for v in result["wall"]["examples_per_second"].values())
+    assert len(result["wall"]["examples_per_second"]) == 5
+
+
+def _pairs_reference(tiny_llama_dir, mode: str, clip: float, noise: float = 0.0):
+    import torch
+    from reference_opacus import OpacusClient
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).train()  # Opacus wraps training models
+    ids = [[1, 5, 9, 7, 3, 2], [1, 4, 2], [1, 8, 8, 6, 6, 6, 2], [1, 3, 5, 2]]
+    starts = [3, 1, 5, 2]  # where each pair's answer starts
+    client = OpacusClient(model, lambda n: "q_proj" in n or "lm_head" in n, ids, starts, max_length=8,
+                          pad_id=0, batch_size=4, physical_batch_size=4, noise_multiplier=noise,
+                          clip=clip, lr=0.01, seed=0, task="causal", mode=mode)
+    return client, model, ids, starts
+
+
+def test_causal_reference_loss_is_fedlora_answer_token_loss(bench, tiny_llama_dir):
+    import torch
+    from fedlora.causal.loss import causal_lm_loss
+    from reference_opacus import answer_labels, pad_to_max_length
+
+    client, model, ids, starts = _pairs_reference(tiny_llama_dir, "hooks", clip=1.0)
+    padded, mask = pad_to_max_length(ids, 8, 0)
+    labels = answer_labels(padded, mask, starts)
+    assert labels[0].tolist() == [-100, -100, 7, 3, 2, -100, -100]  # tokens 3.. of pair 0, then padding
+    with torch.no_grad():
+        logits = model(input_ids=padded, attention_mask=mask).logits
+        ours = client.loss(logits, labels)
+        theirs = causal_lm_loss(model, ids, starts, list(range(4)), 0).mean()
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
+
+
+@pytest.mark.parametrize("clip", [1e-3, 10.0])  # every example clipped / none clipped
+def test_opacus_ghost_and_hooks_take_the_same_step(bench, tiny_llama_dir, clip):
+    """σ = 0: both modes apply the same clipped mean gradient (what the optimiser was given)."""
+    import torch
+
+    steps = {}
+    for mode in ("hooks", "ghost"):
+        client, *_ = _pairs_reference(tiny_llama_dir, mode, clip=clip)
+        start = {n: p.detach().clone() for n, p in client.params().items()}
+        torch.manual_seed(1)  # Opacus's Poisson sampler draws from torch's global generator
+        trained, seen = client.train(start, 1)
+        steps[mode] = ({n: p.grad.detach().clone() for n, p in client.params().items()}, seen)
+    (hooks, seen_h), (ghost, seen_g) = steps["hooks"], steps["ghost"]
+    assert seen_h == seen_g > 0 and set(hooks) == set(ghost)
+    norm = sum(float(g.pow(2).sum()) for g in hooks.values()) ** 0.5
+    assert 0 < norm <= clip * 1.0001  # a mean of clipped gradients (4 examples, all sampled or fewer)
+    for n in hooks:
+        torch.testing.assert_close(ghost[n], hooks[n], rtol=1e-4, atol=1e-4 * norm)
