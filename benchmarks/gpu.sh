@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one prepared run (about 4 minutes on one H100/H200): fedlora's DP step
-# against PEFT + Opacus and the floor (throughput.py), ghost clipping against materialised
-# per-example gradients (clipping.py), bf16 against fp32 (precision.py) and a pass's fixed cost
+# against PEFT + Opacus in both of its modes (hooks, ghost) and the floor (throughput.py), ghost
+# clipping against materialised per-example gradients (clipping.py), bf16 against fp32 (precision.py) and a pass's fixed cost
 # in tokens (pass_cost.py), on a MiniLM-size (22.7M) and a BERT-base-size (110M) encoder.
 #
 #   bash benchmarks/gpu.sh [OUT_FOLDER]          (from the repository root; default
@@ -44,7 +44,7 @@ bench() {  # bench SECONDS SCRIPT ARGS...: one benchmark under its own limit
 for size in minilm base; do
     model="model.path=$WORK/$size"
     bench 70 benchmarks/throughput.py "$model" --device cuda --repeats 3 --methods ffa lora \
-        --reference ffa lora --json "$OUT/throughput-cuda-$size.json"
+        --reference ffa lora --opacus-modes hooks ghost --json "$OUT/throughput-cuda-$size.json"
     bench 40 benchmarks/clipping.py "$model" --device cuda --repeats 3 --methods ffa lora full \
         --json "$OUT/clipping-cuda-$size.json"
     bench 30 benchmarks/precision.py "$model" --device cuda --repeats 3 --methods ffa lora \
