@@ -16,7 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 def bench(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     yield
-    for name in ("throughput", "precision", "clipping", "pass_cost", "make_encoder", "round_breakdown", "scaling", "reference_opacus", "common"):
+    for name in ("throughput", "optimizers", "precision", "clipping", "pass_cost", "make_encoder", "round_breakdown", "scaling", "reference_opacus", "common"):
         sys.modules.pop(name, None)
 
 
@@ -249,3 +249,34 @@ def test_opacus_ghost_and_hooks_take_the_same_step(bench, tiny_llama_dir, clip):
     assert 0 < norm <= clip * 1.0001  # a mean of clipped gradients (4 examples, all sampled or fewer)
     for n in hooks:
         torch.testing.assert_close(ghost[n], hooks[n], rtol=1e-4, atol=1e-4 * norm)
+
+
+def test_optimizers_benchmark_times_each_variant_and_counts_its_state(bench, tiny_overrides, tmp_path):
+    import optimizers
+
+    out = tmp_path / "o.json"
+    variants = ["ffa:adam", "ffa:lora_pro", "galore:adam"]
+    assert optimizers.main([*_tiny(tiny_overrides), "method.rank=2", "--threads", "1", "--repeats", "1",
+                            "--variants", *variants, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["cpu"]["examples_per_second"]) == {
+        "floor ffa", "floor galore", *(f"fedlora {v}, DP" for v in variants)}
+    assert set(result["cpu"]["ratios"]) == {"ffa:adam: floor time ÷ DP time", "ffa:lora_pro: floor time ÷ DP time",
+                                            "galore:adam: floor time ÷ DP time",
+                                            "ffa:lora_pro: DP time ÷ ffa:adam DP time"}
+    memory = result["memory_mb"]
+    # GaLore keeps its moments in the rank-2 projection: less than Adam's two full-size moments
+    assert 0 < memory["galore:adam"]["optimizer_state"] < 2 * memory["galore:adam"]["trained_parameters"]
+
+
+def test_state_bytes_counts_adams_moments_and_steps(bench):
+    import torch
+    from optimizers import state_bytes
+
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    adam = torch.optim.Adam(params, lr=0.1)
+    assert state_bytes(adam) == 0  # nothing before the first step
+    sum(p.sum() for p in params).backward()
+    adam.step()
+    # two fp32 moments per parameter, and torch's per-parameter step counter (one fp32 number)
+    assert state_bytes(adam) == 2 * 4 * (12 + 5) + 2 * 4
