@@ -325,3 +325,56 @@ def test_accepted_for_every_single_rank_lora_method(method):
     for optimizer in ("lora_pro", "lora_rite"):
         assert load_config(None, [f"method.name={method}",
                                   f"train.optimizer={optimizer}"]).train.optimizer == optimizer
+
+
+# ------------------------------------------------------------------------------ train.head_lr
+
+HEAD_KEY = "base_model.model.classifier.modules_to_save.default.weight"
+B_KEY = "base_model.model.encoder.layer.0.attention.self.query.lora_B.default.weight"
+A_KEY = B_KEY.replace("lora_B", "lora_A")
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "lora_pro", "lora_rite"])
+def test_head_lr_steps_the_head_at_its_own_rate(optimizer):
+    """Adam's first step moves every coordinate by lr·g/(|g| + ε) ≈ ±lr, SGD's by lr·g: the
+    head's move measures its rate, whichever optimizer steps the factors."""
+    from fedlora.config import TrainConfig
+    from fedlora.optim.build import build_optimizer
+
+    assert is_head(HEAD_KEY) and is_lora_b(B_KEY) and is_lora_a(A_KEY)
+    gen = torch.Generator().manual_seed(0)
+    params = {A_KEY: torch.nn.Parameter(torch.randn(2, 6, generator=gen)),
+              B_KEY: torch.nn.Parameter(torch.zeros(5, 2)),
+              HEAD_KEY: torch.nn.Parameter(torch.zeros(3, 4))}
+    trained = [B_KEY, HEAD_KEY]
+    opt = build_optimizer(TrainConfig(lr=1e-3, head_lr=0.05, optimizer=optimizer), params, trained, 0.5)
+    head_grad = torch.full((3, 4), 0.5)
+    params[B_KEY].grad = torch.randn(5, 2, generator=gen)
+    params[HEAD_KEY].grad = head_grad.clone()
+    opt.step()
+    expected = -0.05 * (head_grad if optimizer == "sgd" else torch.ones(3, 4))
+    torch.testing.assert_close(params[HEAD_KEY].detach(), expected, rtol=1e-5, atol=1e-9)  # ε of Adam: 1e-6 rel.
+    moved = float(params[B_KEY].detach().abs().max())
+    assert 0 < moved < 0.05  # B stepped at its own, smaller rate
+
+
+def test_head_lr_zero_means_train_lr_and_galore_honours_it():
+    from fedlora.config import MethodConfig, TrainConfig
+    from fedlora.methods import get_method
+    from fedlora.optim.build import build_optimizer
+
+    head = torch.nn.Parameter(torch.zeros(3))
+    opt = build_optimizer(TrainConfig(lr=0.01, optimizer="adam"), {HEAD_KEY: head}, [HEAD_KEY], 1.0)
+    assert [g["lr"] for g in opt.param_groups] == [0.01]
+    from fedlora.methods.keys import BASE
+
+    weight = BASE + "base_model.model.encoder.layer.0.attention.self.query.base_layer.weight"
+    galore = get_method(MethodConfig(name="galore", rank=2))
+    opt = galore.local_optimizer({weight: torch.nn.Parameter(torch.zeros(4, 4)), HEAD_KEY: head}, 1e-4, 0.03)
+    assert sorted(g["lr"] for g in opt.param_groups) == [1e-4, 0.03]
+
+
+def test_head_lr_refused_when_negative_or_nan(tiny_overrides):
+    for bad in ("-0.1", "nan"):
+        with pytest.raises(ConfigError, match="train.head_lr"):
+            load_config(None, [*tiny_overrides, f"train.head_lr={bad}"])

@@ -178,6 +178,9 @@ class MethodConfig:
 class TrainConfig:
     batch_size: int = _f(256, "expected examples per DP-SGD step (Poisson sampling)")
     lr: float = _f(0.02, "learning rate of the local optimizer")
+    head_lr: float = _f(0.0, "learning rate of the task head (0 = train.lr). The head starts from "
+                        "scratch; an optimizer whose steps are sized like full fine-tuning's "
+                        "(lora_pro, galore, full) wants a far smaller train.lr than the head does")
     optimizer: str = _f("adam", f"local optimizer: {', '.join(OPTIMIZERS)} (lora_pro: LoRA-Pro, "
                         "Wang et al. 2024 — the factors' gradients adjusted so the LoRA step best "
                         "approximates the full-weight gradient, Adam on that equivalent gradient "
@@ -516,6 +519,8 @@ def validate(config: Config) -> None:
     t = c.train
     _check(t.batch_size >= 1, "train.batch_size must be ≥ 1")
     _check(t.lr > 0 and math.isfinite(t.lr), "train.lr must be a positive number")
+    _check(t.head_lr >= 0 and math.isfinite(t.head_lr),
+           "train.head_lr must be a positive number, or 0 for train.lr")
     _check(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}")
     if t.optimizer in LORA_OPTIMIZERS:
         paired = [n for n in available_methods() if method_class(n).lora_pairs]

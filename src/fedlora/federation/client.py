@@ -252,7 +252,8 @@ class LocalTrainer:
         `train.optimizer`: its state (moments, and LoRA-Pro's or LoRA-RITE's per-layer state)
         is this client's and dies with the round."""
         weights = {k: self.handle.param(k) for k in self.handle.shapes()}
-        own = self.method.local_optimizer({k: weights[k] for k in keys}, self.train_cfg.lr)
+        own = self.method.local_optimizer({k: weights[k] for k in keys}, self.train_cfg.lr,
+                                          self.train_cfg.head_lr)
         if own is not None:
             return own
         return build_optimizer(self.train_cfg, weights, keys, self.method.scaling)

@@ -111,9 +111,10 @@ class Method:
         self.config = config
 
     # -- what exists where -------------------------------------------------------------
-    def local_optimizer(self, params: dict, lr: float):
-        """The method's own local optimizer for these trainable parameters (key → tensor), or
-        None for `train.optimizer`'s (GaLore brings its projected Adam)."""
+    def local_optimizer(self, params: dict, lr: float, head_lr: float = 0.0):
+        """The method's own local optimizer for these trainable parameters (key → tensor), the
+        head at `head_lr` (0: `lr`), or None for `train.optimizer`'s (GaLore brings its
+        projected Adam)."""
         return None
 
     def trainable(self, key: str, round: int) -> bool:

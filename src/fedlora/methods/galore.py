@@ -36,9 +36,10 @@ class GaLore(Method):
         return keys.is_base(key) and any(key.endswith(f".{t}.base_layer.weight")
                                          for t in self.config.target_modules)
 
-    def local_optimizer(self, params: dict, lr: float):
+    def local_optimizer(self, params: dict, lr: float, head_lr: float = 0.0):
+        from fedlora.optim.build import param_groups
         from fedlora.optim.galore import GaLoreAdam
 
         c = self.config
-        return GaLoreAdam(list(params.values()), lr=lr, rank=c.rank,
+        return GaLoreAdam(param_groups(params, lr, head_lr), lr=lr, rank=c.rank,
                           update_every=c.galore_update_every, scale=c.galore_scale)

@@ -20,13 +20,14 @@ def build_optimizer(train: TrainConfig, adapter: dict[str, nn.Parameter], traina
 
     sgd and adam see a flat list of tensors. lora_pro and lora_rite are told each LoRA layer's
     (A, B, s) and which factor is trained — A frozen included — and give every other trained
-    tensor (the head) plain Adam. Config validation has refused them where a client does not
+    tensor (the head) plain Adam. The head steps at `train.head_lr` (0: `train.lr`), every
+    other tensor at `train.lr`. Config validation has refused them where a client does not
     train one (A, B) pair per layer at a single rank."""
-    params = [adapter[k] for k in trainable]
+    groups = param_groups({k: adapter[k] for k in trainable}, train.lr, train.head_lr)
     if train.optimizer == "adam":
-        return torch.optim.Adam(params, lr=train.lr)
+        return torch.optim.Adam(groups, lr=train.lr)
     if train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum)
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
     layers = lora_layers(adapter, set(trainable), scaling)
     paired = {id(p) for layer in layers for p in (layer.A, layer.B)}
     loose = [k for k in trainable if (keys.is_lora_a(k) or keys.is_lora_b(k))
@@ -34,4 +35,13 @@ def build_optimizer(train: TrainConfig, adapter: dict[str, nn.Parameter], traina
     if loose:  # pragma: no cover - validation refuses such methods first
         raise ValueError(f"train.optimizer={train.optimizer}: LoRA factors without a pair: {loose}")
     others = [adapter[k] for k in trainable if not (keys.is_lora_a(k) or keys.is_lora_b(k))]
-    return LORA_OPTIMIZERS[train.optimizer](layers, others, lr=train.lr)
+    return LORA_OPTIMIZERS[train.optimizer](layers, others, lr=train.lr,
+                                            others_lr=train.head_lr or train.lr)
+
+
+def param_groups(params: dict[str, nn.Parameter], lr: float, head_lr: float) -> list[dict]:
+    """Two optimizer groups: the task head's tensors at `head_lr` (0: `lr`), everything else
+    at `lr`; an empty group is left out."""
+    head = [p for k, p in params.items() if keys.is_head(k)]
+    rest = [p for k, p in params.items() if not keys.is_head(k)]
+    return [g for g in ({"params": rest, "lr": lr}, {"params": head, "lr": head_lr or lr}) if g["params"]]

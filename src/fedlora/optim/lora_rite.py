@@ -67,8 +67,9 @@ def escaped_mass(old: Tensor, rotated: Tensor) -> float:
 class LoRARITE(LoRAOptimizer):
     """LoRA-RITE's invariant preconditioner (Algorithm 1) for each factor; other tensors: Adam."""
 
-    def __init__(self, layers, others, lr: float, betas=(0.9, 0.999), eps: float = 1e-6):
-        super().__init__(layers, others, lr, betas, eps)
+    def __init__(self, layers, others, lr: float, betas=(0.9, 0.999), eps: float = 1e-6,
+                 others_lr: float | None = None):
+        super().__init__(layers, others, lr, betas, eps, others_lr)
 
     def _layer_step(self, layer: LoRALayer, state: dict) -> None:
         A, B = layer.A, layer.B

@@ -39,21 +39,24 @@ def lora_layers(params: dict[str, nn.Parameter], trainable: set[str],
 
 
 class LoRAOptimizer(torch.optim.Optimizer):
-    """Steps each LoRA layer with `_layer_step` and every other parameter with Adam.
+    """Steps each LoRA layer with `_layer_step` and every other parameter with Adam (at
+    `others_lr`, default `lr`).
 
     Subclasses implement `_layer_step(layer, state)`; `state` is the layer's own dict, empty
     at the first step. `param_groups` holds every parameter, so `zero_grad` clears them all.
     """
 
     def __init__(self, layers: list[LoRALayer], others: list[Tensor], lr: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 others_lr: float | None = None):
         factors = [p for layer in layers for p, on in ((layer.A, layer.train_a),
                                                        (layer.B, layer.train_b)) if on]
         super().__init__([{"params": factors + list(others)}],
                          {"lr": lr, "betas": betas, "eps": eps})
         self.layers = layers
         self.lr, self.betas, self.eps = lr, betas, eps
-        self.rest = torch.optim.Adam(others, lr=lr, betas=betas, eps=eps) if others else None
+        self.rest = (torch.optim.Adam(others, lr=others_lr or lr, betas=betas, eps=eps)
+                     if others else None)
         self._layer_state: list[dict] = [{} for _ in layers]
 
     @torch.no_grad()
