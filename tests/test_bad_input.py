@@ -168,7 +168,7 @@ RESUME = [  # (case, damage to the folder, extra CLI args, words)
     ("truncated checkpoint", _truncate, [], ["checkpoint", "corrupted or truncated"]),
     ("empty checkpoint", _empty_checkpoint, [], ["checkpoint", "corrupted or truncated"]),
     ("altered checkpoint", _flip_a_byte, [], ["checkpoint", "checksum"]),
-    ("config.toml edited", _config_edited, [], ["another config", "tampered"]),
+    ("config.toml edited", _config_edited, [], ["another config", "changed by hand"]),
     ("config.toml garbled", _config_garbled, [], ["config.toml", "cannot be resumed"]),
     ("ledger garbled", _ledger_garbled, [], ["privacy ledger", "client-0.json"]),
     ("another config", None, ["privacy.epsilon=8"], ["another config", "privacy.epsilon"]),

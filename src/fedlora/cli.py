@@ -147,7 +147,8 @@ def _notes(err: BaseException) -> str:
 
 def _one_line(err: BaseException) -> str:
     """The message and any note (where a resumable run was kept) on one line."""
-    return " ".join(" ".join([str(err), _notes(err)]).split())
+    notes = _notes(err)
+    return " ".join((f"{err}; {notes}" if notes else str(err)).split())
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -617,11 +617,20 @@ def flat_config(config: Config) -> dict[str, Any]:
     return out
 
 
+#: Keys added after runs were already being checkpointed, each with the value that reproduces
+#: what fedlora did before it existed. At that value such a key is left out of a run's identity,
+#: so a run (or a sweep) started by an older fedlora still resumes; set to anything else, it
+#: counts like every other key. A new key with such a neutral value is added here.
+ADDED_KEYS: dict[str, Any] = {"train.head_lr": 0.0}
+
+
 def run_identity(config: Config) -> dict[str, Any]:
     """What makes two runs the same run — the one definition resume, checkpoints, Flower sites
     and sweeps all use: every key of the config but `EXECUTION` (cores and device change how
-    fast a run goes and, in the last bits of float sums, nothing else)."""
-    return {k: v for k, v in flat_config(config).items() if k not in EXECUTION}
+    fast a run goes and, in the last bits of float sums, nothing else), and but the
+    `ADDED_KEYS` left at their neutral values."""
+    return {k: v for k, v in flat_config(config).items()
+            if k not in EXECUTION and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
 
 
 def identity_text(config: Config) -> str:

@@ -114,7 +114,8 @@ def load_checkpoint(path: str | Path, config: Config | None = None) -> Checkpoin
                               f"this fedlora reads format {FORMAT}")
     if config is not None and meta["config"] != config_digest(config):
         raise CheckpointError(f"--resume: checkpoint '{path}' belongs to another config than "
-                              "the folder's config.toml — the folder was tampered with")
+                              "the folder's config.toml — the folder was changed by hand; restore "
+                              "its config.toml, or remove the folder to start the run again")
     return Checkpoint(meta, tensors)
 
 
