@@ -122,18 +122,19 @@ def test_every_config_key_is_in_the_documented_settings_table():
     assert {"model.center", "model.center_examples", "seed"} <= documented  # the parser reads rows
 
 
-def test_a_key_added_later_leaves_older_runs_identity_alone(tiny_overrides):
-    """A run checkpointed before train.head_lr existed hashed its identity without it; at its
-    neutral value the key must not enter the identity, or that run could never be resumed."""
+@pytest.mark.parametrize("key, value", [("train.head_lr", "0.05"), ("train.lr_schedule", "cosine")])
+def test_a_key_added_later_leaves_older_runs_identity_alone(tiny_overrides, key, value):
+    """A run checkpointed before a key existed hashed its identity without it; at its neutral
+    value the key must not enter the identity, or that run could never be resumed."""
     import json
 
     from fedlora.config import ADDED_KEYS, EXECUTION, flat_config, identity_text, run_identity
 
     config = load_config(None, tiny_overrides)
     flat = flat_config(config)
-    assert flat["train.head_lr"] == ADDED_KEYS["train.head_lr"] == 0.0
-    older = {k: v for k, v in flat.items() if k not in EXECUTION and k != "train.head_lr"}
+    assert flat[key] == ADDED_KEYS[key]  # the default is the neutral value
+    older = {k: v for k, v in flat.items() if k not in EXECUTION and k not in ADDED_KEYS}
     assert identity_text(config) == json.dumps(older, sort_keys=True, default=str)
-    changed = load_config(None, [*tiny_overrides, "train.head_lr=0.05"])
-    assert run_identity(changed)["train.head_lr"] == 0.05  # set, it is part of the run
+    changed = load_config(None, [*tiny_overrides, f"{key}={value}"])
+    assert str(run_identity(changed)[key]) == value  # set, it is part of the run
     assert identity_text(changed) != identity_text(config)

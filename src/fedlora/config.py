@@ -25,6 +25,7 @@ OPTIMIZERS = ("sgd", "adam", "lora_pro", "lora_rite")
 LORA_OPTIMIZERS = ("lora_pro", "lora_rite")  # they need one (A, B) per layer: Method.lora_pairs
 SERVER_OPTIMIZERS = ("avg", "momentum", "adam")
 PRECISIONS = ("fp32", "bf16")
+SCHEDULES = ("constant", "cosine")  # fedlora.optim.schedule
 GHOST_CLIPPING = ("auto", "on", "off")  # fedlora.privacy.ghost.MODES is this tuple
 WEIGHTINGS = ("examples", "inverse_noise")
 HEADS = ("shared", "local")
@@ -178,6 +179,9 @@ class MethodConfig:
 class TrainConfig:
     batch_size: int = _f(256, "expected examples per DP-SGD step (Poisson sampling)")
     lr: float = _f(0.02, "learning rate of the local optimizer")
+    lr_schedule: str = _f("constant", "the local rates over the rounds: constant, or cosine "
+                          "(round t = 1…R steps at ½·(1 + cos(π·(t−1)/R)) × train.lr and × "
+                          "train.head_lr; a public function of the round, no ε cost)")
     head_lr: float = _f(0.0, "learning rate of the task head (0 = train.lr). The head starts from "
                         "scratch; an optimizer whose steps are sized like full fine-tuning's "
                         "(lora_pro, galore, full) wants a far smaller train.lr than the head does")
@@ -522,6 +526,8 @@ def validate(config: Config) -> None:
     _check(t.head_lr >= 0 and math.isfinite(t.head_lr),
            "train.head_lr must be a positive number, or 0 for train.lr")
     _check(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)}")
+    _check(t.lr_schedule in SCHEDULES, f"train.lr_schedule must be one of {', '.join(SCHEDULES)}, "
+           f"got '{t.lr_schedule}'")
     if t.optimizer in LORA_OPTIMIZERS:
         paired = [n for n in available_methods() if method_class(n).lora_pairs]
         _check(method_class(m.name).lora_pairs and not m.client_ranks,
@@ -621,7 +627,7 @@ def flat_config(config: Config) -> dict[str, Any]:
 #: what fedlora did before it existed. At that value such a key is left out of a run's identity,
 #: so a run (or a sweep) started by an older fedlora still resumes; set to anything else, it
 #: counts like every other key. A new key with such a neutral value is added here.
-ADDED_KEYS: dict[str, Any] = {"train.head_lr": 0.0}
+ADDED_KEYS: dict[str, Any] = {"train.head_lr": 0.0, "train.lr_schedule": "constant"}
 
 
 def run_identity(config: Config) -> dict[str, Any]:

@@ -164,7 +164,8 @@ def pad_id_of(tokenizer) -> int:
 
 def build_trainer(config: Config, base: Base) -> LocalTrainer:
     return LocalTrainer(base.model, base.method, config.train, config.federation.local_steps,
-                        base.pad_id, base.initial, loss=base.method.example_loss(base.task.loss))
+                        base.pad_id, base.initial, loss=base.method.example_loss(base.task.loss),
+                        rounds=config.federation.rounds)
 
 
 def build_client(config: Config, cid: int, token_ids: list[list[int]], labels: list[int]) -> Client:

@@ -7,6 +7,7 @@ into it, so memory grows with the number of clients by adapter size, never by mo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,6 +23,7 @@ from fedlora.methods import lowrank
 from fedlora.methods.base import Method, State
 from fedlora.model import AdapterHandle
 from fedlora.optim import build_optimizer
+from fedlora.optim.schedule import lr_factor
 from fedlora.federation import centering
 from fedlora.federation.timing import Timings, phase
 from fedlora.federation.weighting import noise_scale
@@ -101,12 +103,14 @@ class LocalTrainer:
     audit = None
 
     def __init__(self, model: nn.Module, method: Method, train: TrainConfig, local_steps: int,
-                 pad_id: int, initial: State, loss: ExampleLoss = classification_loss):
+                 pad_id: int, initial: State, loss: ExampleLoss = classification_loss,
+                 rounds: int = 1):
         self.model = model
         self.loss = loss  # the task's per-example loss
         self.method = method
         self.train_cfg = train
         self.local_steps = local_steps
+        self.rounds = rounds  # the run's planned rounds: train.lr_schedule's horizon
         self.pad_id = pad_id
         self.handle = AdapterHandle.of(model)
         self.names = self.handle.param_names()
@@ -148,7 +152,7 @@ class LocalTrainer:
         keys = self.handle.set_trainable(lambda k: self.method.client_trains(k, round, client.cid))
         # a rank-r_k client on the rank-r_max model: coordinates beyond r_k stay exactly zero
         masked = {k: self.handle.param(k) for k in keys} if rank < self.method.max_rank else {}
-        optimizer = self._optimizer(keys)
+        optimizer = self._optimizer(keys, round)
         noise = client.randomness.stream("noise", round)  # drawn on the CPU on any device
         audit = self._audit(client)
         canary = None if audit is None else client.randomness.stream("canary", round)
@@ -247,16 +251,19 @@ class LocalTrainer:
     def _refuse(self, client: Client, reason: str) -> ClientReply:
         return refusal(client, reason)
 
-    def _optimizer(self, keys: list[str]) -> torch.optim.Optimizer:
+    def _optimizer(self, keys: list[str], round: int) -> torch.optim.Optimizer:
         """A new optimizer for this round's trainable `keys` — the method's own (GaLore's), else
         `train.optimizer`: its state (moments, and LoRA-Pro's or LoRA-RITE's per-layer state)
-        is this client's and dies with the round."""
+        is this client's and dies with the round. Its rates are `train.lr` and `train.head_lr`
+        scaled by `train.lr_schedule`'s factor for this round."""
+        factor = lr_factor(self.train_cfg.lr_schedule, round, self.rounds)
+        train = dataclasses.replace(self.train_cfg, lr=self.train_cfg.lr * factor,
+                                    head_lr=self.train_cfg.head_lr * factor)
         weights = {k: self.handle.param(k) for k in self.handle.shapes()}
-        own = self.method.local_optimizer({k: weights[k] for k in keys}, self.train_cfg.lr,
-                                          self.train_cfg.head_lr)
+        own = self.method.local_optimizer({k: weights[k] for k in keys}, train.lr, train.head_lr)
         if own is not None:
             return own
-        return build_optimizer(self.train_cfg, weights, keys, self.method.scaling)
+        return build_optimizer(train, weights, keys, self.method.scaling)
 
     def poisson_batches(self, client: Client, round: int) -> list[list[int]]:
         """The example indices of each of the round's `local_steps` batches: each example joins
