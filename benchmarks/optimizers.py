@@ -90,8 +90,8 @@ def _watch_optimizer(trainer) -> dict:
     seen: dict = {}
     build, train = trainer._optimizer, trainer.train
 
-    def building(keys):
-        seen["optimizer"] = optimizer = build(keys)
+    def building(keys, round):
+        seen["optimizer"] = optimizer = build(keys, round)
         seen["parameter_bytes"] = sum(p.numel() * p.element_size()
                                       for g in optimizer.param_groups for p in g["params"])
         return optimizer
