@@ -103,8 +103,8 @@ class LocalTrainer:
     audit = None
 
     def __init__(self, model: nn.Module, method: Method, train: TrainConfig, local_steps: int,
-                 pad_id: int, initial: State, loss: ExampleLoss = classification_loss,
-                 rounds: int = 1):
+                 pad_id: int, initial: State, loss: ExampleLoss = classification_loss, *,
+                 rounds: int):
         self.model = model
         self.loss = loss  # the task's per-example loss
         self.method = method

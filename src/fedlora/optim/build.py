@@ -20,9 +20,9 @@ def build_optimizer(train: TrainConfig, adapter: dict[str, nn.Parameter], traina
 
     sgd and adam see the tensors in two groups (`param_groups`: the head, the rest). lora_pro
     and lora_rite are told each LoRA layer's (A, B, s) and which factor is trained — A frozen
-    included — and give every other trained tensor (the head) plain Adam. The head steps at `train.head_lr` (0: `train.lr`), every
-    other tensor at `train.lr`. Config validation has refused them where a client does not
-    train one (A, B) pair per layer at a single rank."""
+    included — and give every other trained tensor (the head) plain Adam. The head steps at
+    `train.head_lr` (0: `train.lr`), every other tensor at `train.lr`. Config validation has
+    refused them where a client does not train one (A, B) pair per layer at a single rank."""
     groups = param_groups({k: adapter[k] for k in trainable}, train.lr, train.head_lr)
     if train.optimizer == "adam":
         return torch.optim.Adam(groups, lr=train.lr)
