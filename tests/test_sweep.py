@@ -295,6 +295,12 @@ def test_only_makes_a_subset_the_whole_sweep_then_finds_complete(tmp_path, tiny_
     parse_only(grid, ["seed=1", "privacy.epsilon=inf,3"])  # keys AND, comma values OR
     kept = [r.name for r in grid.kept(grid.runs())]
     assert kept == [n for n in whole if n.endswith("seed=1")] and len(kept) == 4
+    for spelling in ("method.name=[lora, ffa]", 'method.name=["lora", "ffa"]',
+                     "method.name=lora,ffa"):  # the --only help's example, and its TOML form
+        grid = parse_grid(raw)
+        parse_only(grid, [spelling, "seed=0"])
+        assert grid.only["method.name"] == ["lora", "ffa"], spelling
+        assert len(grid.kept(grid.runs())) == 4
     grid = parse_grid(raw)
     parse_only(grid, ["method.name=ffa", "privacy.epsilon=inf"])
     result = sweep(grid, tmp_path / "s", progress=None)

@@ -64,7 +64,12 @@ class RunFolder:
     def open(self) -> "RunFolder":
         """Create `DIR.partial/` (fresh run) or take over the existing one (resume)."""
         if not self.resuming:
-            self.partial.mkdir(parents=True, exist_ok=False)
+            try:
+                self.partial.mkdir(parents=True, exist_ok=False)
+            except FileExistsError:  # created since __init__ looked: two processes, one run
+                raise ConfigError(f"'{self.partial}' was just created by another fedlora process "
+                                  "making the same run — give each process its own runs "
+                                  "(`fedlora sweep --shard I/N`) or wait for it") from None
         self._take_lock()
         for torn in self.partial.rglob(".*.tmp-*"):  # half-written by a killed process: never read
             torn.unlink(missing_ok=True)

@@ -154,6 +154,14 @@ class Grid:
         return runs
 
 
+def _is_toml(text: str) -> bool:
+    try:
+        tomllib.loads(f"v = {text}")
+    except tomllib.TOMLDecodeError:
+        return False
+    return True
+
+
 def _word(text: str) -> Any:
     """One value of a comma list: a TOML number or inf if it reads as one, else a string."""
     try:
@@ -178,8 +186,10 @@ def parse_only(grid: Grid, items: list[str]) -> None:
             raise ConfigError(f"--only {item!r}: unknown key '{key}'"
                               f"{_suggest(key, list(schema()))} give section.key=value, "
                               "e.g. --only method.name=ffa")
+        if text.startswith("[") and text.endswith("]") and not _is_toml(text):
+            text = text[1:-1]  # [lora, ffa]: the same list of words, bracketed
         if "," in text and not text.startswith("["):  # method.name=lora,ffa: a list of words
-            value = [_word(w.strip()) for w in text.split(",")]
+            value = [_word(w.strip()) for w in text.split(",") if w.strip()]
         else:
             raw: dict[str, Any] = {}
             apply_override(raw, item)
