@@ -455,7 +455,7 @@ def test_grid_file_and_overrides(tmp_path):
 # ---------------------------------------------------------------------------- the study configs
 
 STUDIES = {"privacy": (24, 96), "alpha": (0, 30), "heterogeneity": (6, 24), "communication": (21, 21),
-           "optimizers": (18, 36)}
+           "optimizers": (23, 36)}
 OWN_SELECTION = {"optimizers"}  # chooses rates study 1 never chose (new optimisers, galore, full)
 
 
