@@ -302,6 +302,9 @@ def test_only_makes_a_subset_the_whole_sweep_then_finds_complete(tmp_path, tiny_
         assert grid.only["method.name"] == ["lora", "ffa"], spelling
         assert len(grid.kept(grid.runs())) == 4
     grid = parse_grid(raw)
+    parse_only(grid, ["method.name=[ffa]", "privacy.epsilon=[inf]"])  # one bracketed word
+    assert grid.only == {"method.name": ["ffa"], "privacy.epsilon": [math.inf]}
+    grid = parse_grid(raw)
     parse_only(grid, ["method.name=ffa", "privacy.epsilon=inf"])
     result = sweep(grid, tmp_path / "s", progress=None)
     assert [os.path.basename(f) for f in result["runs"]] == [

@@ -186,10 +186,13 @@ def parse_only(grid: Grid, items: list[str]) -> None:
             raise ConfigError(f"--only {item!r}: unknown key '{key}'"
                               f"{_suggest(key, list(schema()))} give section.key=value, "
                               "e.g. --only method.name=ffa")
+        words = None
         if text.startswith("[") and text.endswith("]") and not _is_toml(text):
-            text = text[1:-1]  # [lora, ffa]: the same list of words, bracketed
-        if "," in text and not text.startswith("["):  # method.name=lora,ffa: a list of words
-            value = [_word(w.strip()) for w in text.split(",") if w.strip()]
+            words = text[1:-1].split(",")  # [lora, ffa]: a list of words, bracketed
+        elif "," in text and not text.startswith("["):  # method.name=lora,ffa: a list of words
+            words = text.split(",")
+        if words is not None:
+            value = [_word(w.strip()) for w in words if w.strip()]
         else:
             raw: dict[str, Any] = {}
             apply_override(raw, item)
